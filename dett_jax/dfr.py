@@ -1,0 +1,435 @@
+"""Deep Feature Reweighting (DFR): last-layer retraining on held-out data.
+
+Kirichenko, Izmailov & Wilson (2022), "Last Layer Re-Training is Sufficient for
+Robustness to Spurious Correlations". Given frozen embeddings of a held-out
+(validation) set with group labels, DFR fits an L1-regularised logistic
+regression on group-balanced subsamples and uses it as the new classifier head.
+
+Procedure of `fit_dfr`:
+  1. Split the held-out set (seeded, stratified by group) into halves A and B.
+  2. For each C of the grid: standardize with the mean/std of A's
+     group-balanced subsample, fit on that subsample, score the worst-group
+     accuracy on B. The best C wins; ties go to the larger C.
+  3. With the chosen C, refit `num_refits` times on different group-balanced
+     subsamples of the whole held-out set (standardized with the whole set's
+     statistics) and average weights and intercepts.
+  4. Fold the standardization into an ordinary Dense layer acting on raw
+     embeddings: logits = x @ kernel + bias.
+
+The logistic regression has the scikit-learn meaning of C: it minimises
+||W||_1 + C * sum_i logloss_i (intercept not penalised), solved by FISTA with
+soft-thresholding in JAX on the equivalent objective scaled by 1 / (C * n).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+_STD_FLOOR = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class DFRResult:
+  """Result of `fit_dfr`.
+
+  Attributes:
+    kernel: [d, num_classes] float32 Dense kernel acting on raw embeddings.
+    bias: [num_classes] float32 Dense bias.
+    best_c: the chosen inverse regularisation strength C.
+    c_scores: C -> worst-group accuracy on half B (the tuning scores).
+    num_balanced: per-group subsample size used in the final refits.
+  """
+
+  kernel: np.ndarray
+  bias: np.ndarray
+  best_c: float
+  c_scores: dict[float, float]
+  num_balanced: int
+
+
+# ----------------------------------------------------------------------------
+# Input checks and data helpers.
+# ----------------------------------------------------------------------------
+
+
+def _check_inputs(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    num_classes: int,
+) -> None:
+  """Raises ValueError for inputs DFR cannot work with."""
+  if embeddings.ndim != 2:
+    raise ValueError(
+        f"embeddings must be 2-D [n, d], got shape {embeddings.shape}; "
+        "reshape the features to [num_examples, feature_dim].")
+  n = embeddings.shape[0]
+  if labels.shape != (n,) or groups.shape != (n,):
+    raise ValueError(
+        "embeddings, labels and groups must have matching lengths, got "
+        f"embeddings {embeddings.shape}, labels {labels.shape}, groups "
+        f"{groups.shape}; pass one label and one group id per embedding row.")
+  if num_classes < 2:
+    raise ValueError(
+        f"num_classes must be >= 2, got {num_classes}; DFR trains a "
+        "classifier and needs at least two classes.")
+  if n and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(
+        f"labels must lie in [0, {num_classes}), got range "
+        f"[{labels.min()}, {labels.max()}]; fix the labels or num_classes.")
+  present = np.unique(labels)
+  if present.size < 2:
+    raise ValueError(
+        f"Fewer than 2 classes present in the held-out set (found "
+        f"{present.tolist()}); DFR needs examples of every class.")
+  missing = sorted(set(range(num_classes)) - set(present.tolist()))
+  if missing:
+    raise ValueError(
+        f"Classes {missing} have no example in the held-out set; add examples "
+        "of every class or lower num_classes.")
+  _, counts = np.unique(groups, return_counts=True)
+  if counts.min() < 2:
+    raise ValueError(
+        f"The smallest group present has {counts.min()} example(s); every "
+        "group needs at least 2 so both held-out halves contain it. Add "
+        "examples or merge/drop the tiny group.")
+
+
+def _stratified_halves(
+    groups: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+  """Random split into halves A, B; every group (>= 2 examples) is in both."""
+  half_a, half_b = [], []
+  for g in np.unique(groups):
+    idx = rng.permutation(np.flatnonzero(groups == g))
+    cut = (idx.size + 1) // 2
+    half_a.append(idx[:cut])
+    half_b.append(idx[cut:])
+  return np.sort(np.concatenate(half_a)), np.sort(np.concatenate(half_b))
+
+
+def balanced_subsample(
+    groups: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+  """Indices subsampling every present group to the smallest group's size.
+
+  Args:
+    groups: [n] int group ids.
+    rng: numpy Generator (consumed).
+
+  Returns:
+    [num_groups_present * min_count] sorted int indices into `groups`.
+  """
+  uniq, counts = np.unique(groups, return_counts=True)
+  m = int(counts.min())
+  picks = [rng.choice(np.flatnonzero(groups == g), m, replace=False)
+           for g in uniq]
+  return np.sort(np.concatenate(picks))
+
+
+def standardization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-feature mean [d] and std [d] (std floored at 1e-6) of x [n, d]."""
+  x = np.asarray(x, np.float64)
+  return x.mean(0), np.maximum(x.std(0), _STD_FLOOR)
+
+
+def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  return ((x - mean) / std).astype(np.float32)
+
+
+def worst_group_accuracy(
+    pred: np.ndarray, labels: np.ndarray, groups: np.ndarray
+) -> float:
+  """Min over the groups present of the per-group accuracy (all [n] arrays)."""
+  correct = np.asarray(pred) == np.asarray(labels)
+  return float(min(correct[groups == g].mean() for g in np.unique(groups)))
+
+
+def _predict_standardized(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray
+) -> np.ndarray:
+  """Class predictions [n] for standardized x; w [d, 1] is binary."""
+  z = x @ w + b
+  if w.shape[1] == 1:
+    return (z[:, 0] > 0).astype(np.int64)  # argmax of [0, z]; ties -> 0
+  return np.argmax(z, axis=1)
+
+
+# ----------------------------------------------------------------------------
+# L1-regularised logistic regression (FISTA).
+# ----------------------------------------------------------------------------
+
+
+def _lipschitz(x: np.ndarray, multinomial: bool, iters: int = 100) -> float:
+  """Upper estimate of the gradient Lipschitz constant of the mean logloss.
+
+  Power iteration for sigma_max([x, 1])^2; the Hessian factor of the logistic
+  (softmax) loss is at most 1/4 (1/2). A 10% margin covers the power
+  iteration's underestimate.
+  """
+  xa = np.concatenate([x, np.ones((x.shape[0], 1), x.dtype)], 1)
+  xa = xa.astype(np.float64)
+  v = np.random.default_rng(0).standard_normal(xa.shape[1])
+  eig = 0.0
+  for _ in range(iters):
+    u = xa.T @ (xa @ v)
+    new_eig = float(np.linalg.norm(u))
+    if new_eig == 0.0:
+      break
+    v = u / new_eig
+    if abs(new_eig - eig) <= 1e-6 * new_eig:
+      eig = new_eig
+      break
+    eig = new_eig
+  factor = 0.5 if multinomial else 0.25
+  return max(1.1 * factor * eig / x.shape[0], 1e-8)
+
+
+def _loss_grad(x, targets, w, b, multinomial):
+  """Gradient of the mean logloss w.r.t. (w [d, k], b [k])."""
+  z = x @ w + b
+  if multinomial:
+    resid = jax.nn.softmax(z, axis=1) - targets
+  else:
+    resid = jax.nn.sigmoid(z) - targets
+  n = x.shape[0]
+  return x.T @ resid / n, resid.sum(0) / n
+
+
+@functools.partial(jax.jit, static_argnames=("multinomial", "max_iter"))
+def _fista(x, targets, lam, step, tol, *, multinomial, max_iter):
+  """FISTA with adaptive restart for mean logloss + lam * ||w||_1.
+
+  Args:
+    x: [n, d] float32 standardized inputs.
+    targets: [n, k] float32 (one-hot, or [n, 1] binary labels).
+    lam: L1 strength 1 / (C * n).
+    step: step size 1 / L.
+    tol: stop when max |change| <= tol * max(1, max |params|).
+
+  Returns:
+    (w [d, k], b [k], number of iterations).
+  """
+  d, k = x.shape[1], targets.shape[1]
+  w0 = jnp.zeros((d, k), jnp.float32)
+  b0 = jnp.zeros((k,), jnp.float32)
+
+  def prox_step(yw, yb):
+    gw, gb = _loss_grad(x, targets, yw, yb, multinomial)
+    vw = yw - step * gw
+    w = jnp.sign(vw) * jnp.maximum(jnp.abs(vw) - step * lam, 0.0)
+    return w, yb - step * gb
+
+  def cond(state):
+    it, delta = state[0], state[1]
+    return (it < max_iter) & (delta > tol)
+
+  def body(state):
+    it, _, w, b, yw, yb, t = state
+    w_new, b_new = prox_step(yw, yb)
+    # Gradient-based restart (O'Donoghue & Candes): drop momentum when the
+    # step goes against the previous direction.
+    restart = (jnp.vdot(yw - w_new, w_new - w)
+               + jnp.vdot(yb - b_new, b_new - b)) > 0
+    t = jnp.where(restart, 1.0, t)
+    t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+    mom = (t - 1.0) / t_new
+    yw_new = w_new + mom * (w_new - w)
+    yb_new = b_new + mom * (b_new - b)
+    change = jnp.maximum(jnp.abs(w_new - w).max(), jnp.abs(b_new - b).max())
+    scale = jnp.maximum(
+        1.0, jnp.maximum(jnp.abs(w_new).max(), jnp.abs(b_new).max()))
+    return it + 1, change / scale, w_new, b_new, yw_new, yb_new, t_new
+
+  init = (jnp.int32(0), jnp.float32(jnp.inf), w0, b0, w0, b0, jnp.float32(1.0))
+  it, _, w, b, _, _, _ = jax.lax.while_loop(cond, body, init)
+  return w, b, it
+
+
+def fit_logistic_l1(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    c: float,
+    num_classes: int,
+    max_iter: int = 3000,
+    tol: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray]:
+  """L1-regularised logistic regression (scikit-learn meaning of C).
+
+  Minimises ||W||_1 + c * sum_i logloss_i; the intercept is not penalised.
+  Binary (num_classes == 2) uses one weight vector scoring class 1;
+  num_classes > 2 uses multinomial (softmax) regression.
+
+  Args:
+    x: [n, d] already standardized inputs.
+    y: [n] int labels in [0, num_classes).
+    c: inverse regularisation strength (> 0).
+    num_classes: number of classes k >= 2.
+    max_iter: maximum FISTA iterations.
+    tol: relative parameter-change tolerance for stopping.
+
+  Returns:
+    (W, b): float32 W [d, 1] and b [1] for binary, W [d, k] and b [k] else.
+  """
+  if c <= 0:
+    raise ValueError(f"c must be > 0, got {c}.")
+  if num_classes < 2:
+    raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int64)
+  if x.ndim != 2 or y.shape != (x.shape[0],):
+    raise ValueError(
+        f"x must be [n, d] and y [n], got {x.shape} and {y.shape}.")
+  multinomial = num_classes > 2
+  if multinomial:
+    targets = np.eye(num_classes, dtype=np.float32)[y]
+  else:
+    targets = (y == 1).astype(np.float32)[:, None]
+  n = x.shape[0]
+  step = 1.0 / _lipschitz(x, multinomial)
+  w, b, _ = _fista(
+      jnp.asarray(x), jnp.asarray(targets), jnp.float32(1.0 / (c * n)),
+      jnp.float32(step), jnp.float32(tol),
+      multinomial=multinomial, max_iter=int(max_iter))
+  return np.asarray(w, np.float32), np.asarray(b, np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Folding into a Dense layer.
+# ----------------------------------------------------------------------------
+
+
+def fold_standardization(
+    w: np.ndarray,
+    b: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    num_classes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Folds standardize-then-linear into one Dense layer on raw inputs.
+
+  Args:
+    w: [d, 1] (binary) or [d, k] weights on standardized inputs.
+    b: [1] or [k] intercepts.
+    mean: [d] feature means; std: [d] feature stds.
+    num_classes: k.
+
+  Returns:
+    (kernel [d, k], bias [k]) float32 with x @ kernel + bias equal to the
+    standardized model's logits; for binary the logits are [0, z], whose
+    softmax is [1 - sigmoid(z), sigmoid(z)].
+  """
+  w = np.asarray(w, np.float64)
+  b = np.asarray(b, np.float64)
+  mean = np.asarray(mean, np.float64)
+  std = np.asarray(std, np.float64)
+  scaled = w / std[:, None]
+  offset = b - (mean / std) @ w
+  if num_classes == 2:
+    kernel = np.concatenate([np.zeros_like(scaled), scaled], axis=1)
+    bias = np.array([0.0, offset[0]])
+  else:
+    kernel, bias = scaled, offset
+  return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def dense_params(result: DFRResult) -> dict:
+  """Flax nn.Dense parameter subtree {"kernel": [d, k], "bias": [k]}."""
+  return {"kernel": jnp.asarray(result.kernel), "bias": jnp.asarray(result.bias)}
+
+
+# ----------------------------------------------------------------------------
+# DFR.
+# ----------------------------------------------------------------------------
+
+
+def _tune_c(
+    x: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    num_classes: int,
+    c_grid: Sequence[float],
+    rng: np.random.Generator,
+) -> dict[float, float]:
+  """Worst-group accuracy on half B for each C (fit on balanced half A)."""
+  idx_a, idx_b = _stratified_halves(groups, rng)
+  train = idx_a[balanced_subsample(groups[idx_a], rng)]
+  mean, std = standardization_stats(x[train])
+  x_train = _standardize(x[train], mean, std)
+  x_eval = _standardize(x[idx_b], mean, std)
+  scores = {}
+  for c in c_grid:
+    w, b = fit_logistic_l1(x_train, labels[train], c=c, num_classes=num_classes)
+    pred = _predict_standardized(x_eval, w, b)
+    scores[float(c)] = worst_group_accuracy(pred, labels[idx_b], groups[idx_b])
+  return scores
+
+
+def _pick_c(scores: dict[float, float]) -> float:
+  """Best worst-group accuracy; ties -> the larger C (weaker L1)."""
+  return max(scores, key=lambda c: (scores[c], c))
+
+
+def fit_dfr(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    *,
+    num_classes: int,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    num_refits: int = 10,
+    seed: int = 0,
+) -> DFRResult:
+  """Deep Feature Reweighting on held-out embeddings.
+
+  Args:
+    embeddings: [n, d] float held-out (validation) embeddings.
+    labels: [n] int class labels in [0, num_classes).
+    groups: [n] int group ids (opaque, e.g. label * num_attrs + attr).
+    num_classes: number of classes k >= 2.
+    c_grid: inverse L1 strengths to tune over.
+    num_refits: number of balanced refits averaged for the final head.
+    seed: seed of the split and the subsampling.
+
+  Returns:
+    DFRResult with a Dense kernel [d, k] / bias [k] on raw embeddings.
+
+  Raises:
+    ValueError: mismatched lengths, fewer than 2 classes, a class without
+      examples, or a group with fewer than 2 examples.
+  """
+  x = np.asarray(embeddings, np.float32)
+  labels = np.asarray(labels).astype(np.int64)
+  groups = np.asarray(groups).astype(np.int64)
+  _check_inputs(x, labels, groups, num_classes)
+  if not c_grid:
+    raise ValueError("c_grid is empty; pass at least one C > 0.")
+  if num_refits < 1:
+    raise ValueError(f"num_refits must be >= 1, got {num_refits}.")
+  rng = np.random.default_rng(seed)
+
+  scores = _tune_c(x, labels, groups, num_classes, c_grid, rng)
+  best_c = _pick_c(scores)
+
+  mean, std = standardization_stats(x)
+  x_std = _standardize(x, mean, std)
+  ws, bs = [], []
+  for _ in range(num_refits):
+    sub = balanced_subsample(groups, rng)
+    w, b = fit_logistic_l1(
+        x_std[sub], labels[sub], c=best_c, num_classes=num_classes)
+    ws.append(w)
+    bs.append(b)
+  kernel, bias = fold_standardization(
+      np.mean(ws, 0), np.mean(bs, 0), mean, std, num_classes)
+  num_balanced = int(np.unique(groups, return_counts=True)[1].min())
+  return DFRResult(kernel=kernel, bias=bias, best_c=float(best_c),
+                   c_scores=scores, num_balanced=num_balanced)

@@ -1,0 +1,409 @@
+"""The DeTT pipeline, stage by stage: pretrain -> ERM teacher -> DFR teacher ->
+identification -> students -> results.json / report.md / groups.png.
+
+Every stage writes its outputs under `<workdir>/<stage>/` and a `done.json` last;
+a re-run skips finished stages and resumes an interrupted one from its latest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from dett_jax import dfr
+from dett_jax.checkpoints import load_variables, mark_done, save_variables, stage_done
+from dett_jax.data import load_splits
+from dett_jax.data.pipeline import (eval_batches, example_weights, train_epoch,
+                                    upsampled_indices)
+from dett_jax.data.synthetic import SHAPES, Split, make_pretraining_set
+from dett_jax.evaluation import accumulate, split_metrics
+from dett_jax.methods import METHODS, Method, get_method
+from dett_jax.models.projector import Projector
+from dett_jax.models.resnet import create_resnet, feature_channels
+from dett_jax.report import write_json_atomic, write_report
+from dett_jax.sharding import make_mesh, replicate, replicated, batch_sharding, shard_batch
+from dett_jax.training.loop import FitSpec, MetricLogger, fit
+from dett_jax.training.steps import Networks, TrainState, create_state, make_eval_step, make_train_step
+from dett_jax.validation import check_workdir_config, validate_config
+
+ERM = Method("erm", "ce", reweight=False, transplant=False)
+Tree = Any
+
+
+# ---------------------------------------------------------------------------
+# Small builders.
+# ---------------------------------------------------------------------------
+
+def make_optimizer(optim: Any, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD (momentum, nesterov) or AdamW with linear warmup + cosine decay per step."""
+  total = max(1, optim.epochs * steps_per_epoch)
+  warmup = int(optim.warmup_epochs * steps_per_epoch)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0 if warmup else optim.learning_rate, optim.learning_rate, max(warmup, 1), total)
+  if optim.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(optim.weight_decay),
+                       optax.sgd(schedule, momentum=optim.momentum, nesterov=True))
+  if optim.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=optim.weight_decay)
+  raise ValueError(f"unknown optimizer {optim.optimizer!r}; choose sgd or adamw")
+
+
+def init_model(model: Any, image_size: int, seed: int) -> dict[str, Tree]:
+  variables = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, image_size, image_size, 3))))(
+      jax.random.key(seed))
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def with_new_head(variables: Tree, model: Any, image_size: int, seed: int) -> Tree:
+  """Pretrained variables with the head re-initialised for `model.num_classes` (or removed)."""
+  fresh = init_model(model, image_size, seed)
+  params = {k: v for k, v in variables["params"].items() if k != "head"}
+  if "head" in fresh["params"]:
+    params["head"] = fresh["params"]["head"]
+  return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage needs: config, data, mesh, jitted-function cache, logger."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  splits: dict[str, Split]
+  mesh: Mesh
+  logger: MetricLogger
+
+  @property
+  def train_counts(self) -> np.ndarray:
+    return self.splits["train"].group_counts()
+
+  def stage_dir(self, name: str) -> str:
+    path = os.path.join(self.workdir, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def jit_train_step(ctx: Context, step_fn: Any, state: TrainState, frozen: Tree) -> Any:
+  rep, data = replicated(ctx.mesh), batch_sharding(ctx.mesh)
+  state_sharding = jax.tree.map(lambda _: rep, state)
+  frozen_sharding = jax.tree.map(lambda _: rep, frozen)
+  return jax.jit(step_fn, in_shardings=(state_sharding, data, frozen_sharding),
+                 out_shardings=(state_sharding, rep), donate_argnums=0)
+
+
+def evaluate(ctx: Context, eval_step: Any, variables: Tree, frozen: Tree, splits=("val", "test")
+             ) -> dict[str, float]:
+  metrics = {}
+  for split in splits:
+    sums = accumulate(eval_step, variables, frozen, ctx.splits[split], ctx.mesh,
+                      ctx.config.eval_batch_size)
+    metrics.update(split_metrics(sums, ctx.train_counts, split, ctx.splits[split].num_attrs))
+  return metrics
+
+
+def train_model(ctx: Context, name: str, networks: Networks, method: Method, variables: Tree,
+                frozen: Tree, split: Split, optim: Any, *, index_list: np.ndarray | None = None,
+                weights: np.ndarray | None = None, select_metric: str | None = None,
+                eval_step: Any = None, seed_offset: int = 0) -> tuple[Tree, dict]:
+  """Trains `variables` on `split` with `method`; returns (selected variables, summary)."""
+  config = ctx.config
+  index_list = np.arange(len(split)) if index_list is None else index_list
+  steps_per_epoch = len(index_list) // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"{name}: {len(index_list)} training examples give no full batch of "
+                     f"{config.batch_size}; lower batch_size")
+  tx = make_optimizer(optim, steps_per_epoch)
+  # Copy: the step donates its state, and `variables` may share buffers with the caller's.
+  variables = jax.tree.map(jnp.copy, variables)
+  state = replicate(create_state(variables["params"], variables["batch_stats"], tx), ctx.mesh)
+  frozen = replicate(frozen, ctx.mesh)
+  step_fn = jit_train_step(ctx, make_train_step(networks, method, tx, config.distill), state, frozen)
+  seed = config.seed * 1000 + seed_offset
+
+  def make_epoch(epoch: int):
+    return train_epoch(split, index_list, global_batch_size=config.batch_size, epoch=epoch,
+                       seed=seed, augment_images=config.augment, weights=weights,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+
+  evaluate_fn = None
+  if select_metric is not None:
+    evaluate_fn = lambda v: evaluate(ctx, eval_step, v, frozen, splits=("val",))
+  spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=optim.epochs,
+                 steps_per_epoch=steps_per_epoch, make_epoch=make_epoch, evaluate=evaluate_fn,
+                 select_metric=select_metric, log_every_steps=config.log_every_steps,
+                 checkpoint_every_steps=config.checkpoint_every_steps,
+                 max_steps=config.get("max_steps_per_stage"))
+  return fit(spec, state, step_fn, frozen, ctx.mesh, ctx.logger)
+
+
+def resnet(cfg: Any, num_classes: int | None):
+  return create_resnet(cfg.depth, num_classes, cfg.width, cfg.stem)
+
+
+def erm_networks(model) -> Networks:
+  return Networks(student=model)
+
+
+def wrap(variables: Tree) -> Tree:
+  """ResNet variables -> the {"student": ...} layout the steps use."""
+  return {"params": {"student": variables["params"]},
+          "batch_stats": {"student": variables["batch_stats"]}}
+
+
+def unwrap(variables: Tree) -> Tree:
+  return {"params": variables["params"]["student"],
+          "batch_stats": variables["batch_stats"]["student"]}
+
+
+def run_stage(ctx: Context, name: str, template: Tree | None, body) -> tuple[Tree | None, dict]:
+  """Runs `body() -> (variables, record)` unless the stage is done; loads its outputs if so."""
+  stage_dir = ctx.stage_dir(name)
+  record = stage_done(stage_dir)
+  if record is not None:
+    logging.info("stage %s: done, loading its outputs", name)
+    variables = None
+    if template is not None:
+      variables = load_variables(os.path.join(stage_dir, "final"), replicate(template, ctx.mesh))
+    return variables, record
+  start = time.time()
+  variables, record = body()
+  record["seconds"] = time.time() - start
+  if variables is not None:
+    save_variables(os.path.join(stage_dir, "final"), variables)
+  mark_done(stage_dir, record)
+  logging.info("stage %s: finished in %.1fs", name, record["seconds"])
+  return variables, record
+
+
+# ---------------------------------------------------------------------------
+# Stages.
+# ---------------------------------------------------------------------------
+
+def pretrain(ctx: Context, role: str) -> Tree:
+  """ResNet of `role` ("teacher" or "student") trained on the unbiased pretraining task."""
+  config = ctx.config
+  arch = config.teacher if role == "teacher" else config.student
+  model = resnet(arch, len(SHAPES))
+  seed_offset = 1 if role == "teacher" else 2
+  initial = init_model(model, config.data.image_size, config.seed * 1000 + seed_offset)
+  if not config.pretrain.enabled:
+    return initial
+
+  def body():
+    data = make_pretraining_set(config.pretrain.size, config.data.image_size, config.data.seed,
+                                config.data.noise)
+    variables, summary = train_model(ctx, f"pretrain_{role}", erm_networks(model), ERM,
+                                     wrap(initial), {}, data, config.pretrain[role],
+                                     seed_offset=seed_offset)
+    return unwrap(variables), {"history": summary["history"]}
+
+  variables, _ = run_stage(ctx, f"pretrain_{role}", initial, body)
+  return variables
+
+
+def teacher_eval_step(ctx: Context, model) -> Any:
+  return jax.jit(make_eval_step(Networks(student=None, teacher=model), None,
+                                ctx.splits["train"].num_groups))
+
+
+def teacher_frozen(variables: Tree, head: Tree | None = None) -> Tree:
+  return {"teacher": variables, "teacher_head": head or variables["params"]["head"]}
+
+
+def teacher_erm(ctx: Context, pretrained: Tree) -> tuple[Tree, dict]:
+  """ERM teacher (fine-tuned from the pretrained backbone), or the user's checkpoint."""
+  config = ctx.config
+  model = resnet(config.teacher, ctx.splits["train"].num_classes)
+  template = with_new_head(pretrained, model, config.data.image_size, config.seed * 1000 + 3)
+  eval_step = teacher_eval_step(ctx, model)
+
+  def body():
+    if config.teacher.checkpoint:
+      variables = load_variables(config.teacher.checkpoint, replicate(template, ctx.mesh))
+      summary = {"source": os.path.abspath(config.teacher.checkpoint)}
+    else:
+      variables, summary = train_model(ctx, "teacher_erm", erm_networks(model), ERM,
+                                       wrap(template), {}, ctx.splits["train"],
+                                       config.teacher.optim, seed_offset=3)
+      variables = unwrap(variables)
+    metrics = evaluate(ctx, eval_step, None, teacher_frozen(variables))
+    return variables, {"metrics": metrics, **summary}
+
+  return run_stage(ctx, "teacher_erm", template, body)
+
+
+def embeddings(ctx: Context, model, variables: Tree, split: Split) -> np.ndarray:
+  """Pooled penultimate features `[n, d]` of `split` (no augmentation)."""
+  fn = jax.jit(lambda v, x: model.apply(v, x, train=False)["features"])
+  chunks = []
+  for batch in eval_batches(split, global_batch_size=ctx.config.eval_batch_size):
+    images = shard_batch({"image": batch["image"]}, ctx.mesh)["image"]
+    chunks.append((fn(variables, images), batch["mask"]))
+  return np.concatenate([np.asarray(f)[m > 0] for f, m in jax.device_get(chunks)])
+
+
+def teacher_dfr(ctx: Context, erm_variables: Tree) -> tuple[Tree, dict]:
+  """DFR: the ERM teacher's backbone with a last layer refit on balanced validation data."""
+  config = ctx.config
+  model = resnet(config.teacher, ctx.splits["train"].num_classes)
+  template = jax.tree.map(jnp.zeros_like, erm_variables["params"]["head"])
+
+  def body():
+    val = ctx.splits["val"]
+    result = dfr.fit_dfr(embeddings(ctx, model, erm_variables, val), val.labels, val.groups,
+                         num_classes=val.num_classes, c_grid=tuple(config.teacher.dfr_c_grid),
+                         num_refits=config.teacher.dfr_num_refits, seed=config.seed)
+    head = replicate(dfr.dense_params(result), ctx.mesh)
+    metrics = evaluate(ctx, teacher_eval_step(ctx, model), None, teacher_frozen(erm_variables, head))
+    return head, {"metrics": metrics, "selection": {
+        "metric": "dfr/half_val_worst_group_acc", "best_c": result.best_c,
+        "c_scores": {str(k): v for k, v in result.c_scores.items()}}}
+
+  return run_stage(ctx, "teacher_dfr", template, body)
+
+
+def identification(ctx: Context, pretrained_student: Tree) -> dict:
+  """ERM model of the student's architecture trained T_id epochs; its training errors."""
+  config = ctx.config
+  train = ctx.splits["train"]
+  model = resnet(config.student, train.num_classes)
+  initial = with_new_head(pretrained_student, model, config.data.image_size, config.seed * 1000 + 4)
+
+  def body():
+    variables, _ = train_model(ctx, "identification", erm_networks(model), ERM, wrap(initial), {},
+                               train, config.identification, seed_offset=4)
+    fn = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)["logits"], -1))
+    preds = []
+    for batch in eval_batches(train, global_batch_size=config.eval_batch_size):
+      preds.append((fn(unwrap(variables), shard_batch({"image": batch["image"]}, ctx.mesh)["image"]),
+                    batch["mask"]))
+    pred = np.concatenate([np.asarray(p)[m > 0] for p, m in jax.device_get(preds)])
+    error_set = np.flatnonzero(pred != train.labels)
+    record = {
+        "error_set": error_set.tolist(),
+        "size": int(len(error_set)),
+        "train_size": len(train),
+        "settings": {"T_id": config.identification.epochs, "depth": config.student.depth,
+                     "width": config.student.width, "seed": config.seed,
+                     "learning_rate": config.identification.learning_rate},
+        # Diagnostics only (group labels are never used by the methods).
+        "error_set_group_counts": np.bincount(train.groups[error_set],
+                                              minlength=train.num_groups).tolist(),
+        "train_group_counts": train.group_counts().tolist(),
+    }
+    write_json_atomic(os.path.join(ctx.stage_dir("identification"), "error_set.json"), record)
+    return None, record
+
+  _, record = run_stage(ctx, "identification", None, body)
+  return record
+
+
+def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars: Tree,
+            teacher_head: Tree, error_set: np.ndarray) -> dict:
+  """Trains and evaluates the student of `method`; returns its results entry."""
+  config, train = ctx.config, ctx.splits["train"]
+  name = f"student_{method.name}"
+  seed = config.seed * 1000 + 10 + list(METHODS).index(method.name)
+  teacher_model = resnet(config.teacher, train.num_classes)
+  t_channels = feature_channels(config.teacher.depth, config.teacher.width)
+  if method.objective == "feature":
+    model = resnet(config.student, None)
+    projector = Projector(config.distill.projector, t_channels, config.distill.projector_factor)
+    backbone = with_new_head(pretrained_student, model, config.data.image_size, seed)
+    s_shape = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(
+        (1, config.data.image_size, config.data.image_size, 3)))["feature_map"], backbone)
+    p_vars = projector.init(jax.random.key(seed), jnp.zeros(s_shape.shape))
+    params = {"student": backbone["params"], "projector": p_vars.get("params", {})}
+    if method.trains_head:
+      params["head"] = {"kernel": jnp.zeros_like(teacher_head["kernel"]),
+                        "bias": jnp.zeros_like(teacher_head["bias"])}
+    variables = {"params": params, "batch_stats": {"student": backbone["batch_stats"],
+                                                  "projector": p_vars.get("batch_stats", {})}}
+  else:
+    model, projector = resnet(config.student, train.num_classes), None
+    variables = wrap(with_new_head(pretrained_student, model, config.data.image_size, seed))
+  networks = Networks(student=model, projector=projector, teacher=teacher_model)
+  frozen = {"teacher": teacher_vars, "teacher_head": teacher_head}
+  if method.transplant:
+    frozen["head"] = teacher_head
+  eval_step = jax.jit(make_eval_step(networks, method, train.num_groups))
+
+  def body():
+    index_list, weights = None, None
+    if method.reweight and config.distill.reweight == "upsample":
+      index_list = upsampled_indices(len(train), error_set, int(config.distill.lambda_up))
+    elif method.reweight:
+      weights = example_weights(len(train), error_set, config.distill.lambda_up)
+    select = "val/worst_group_acc" if config.distill.select == "val_worst_group" else None
+    selected, summary = train_model(ctx, name, networks, method, variables, frozen, train,
+                                    config.distill.optim, index_list=index_list, weights=weights,
+                                    select_metric=select, eval_step=eval_step,
+                                    seed_offset=seed % 1000)
+    metrics = evaluate(ctx, eval_step, selected, frozen)
+    return selected, {"metrics": metrics, "selection": summary["selection"],
+                      "history": summary["history"]}
+
+  variables = replicate(variables, ctx.mesh)
+  _, record = run_stage(ctx, name, variables, body)
+  return {"role": "student", "method": method.name, "metrics": record["metrics"],
+          "selection": record["selection"]}
+
+
+# ---------------------------------------------------------------------------
+# The whole pipeline.
+# ---------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every stage; writes results.json, report.md and groups.png; returns the results."""
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(config, workdir)
+  mesh = make_mesh(config.mesh.data)
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} "
+                     f"devices of the mesh's data axis; use a multiple of {mesh.devices.size}")
+  ctx = Context(config, workdir, load_splits(config.data), mesh, MetricLogger(workdir))
+  logging.info("mesh %s over %d devices; train group counts %s", dict(mesh.shape),
+               mesh.devices.size, ctx.train_counts.tolist())
+  methods = [get_method(m) for m in parse_methods(config.distill.methods)]
+
+  teacher_pre = pretrain(ctx, "teacher")
+  erm_vars, erm_record = teacher_erm(ctx, teacher_pre)
+  models = {"teacher_erm": {"role": "teacher", "method": "erm", "metrics": erm_record["metrics"]}}
+  head = erm_vars["params"]["head"]
+  if config.teacher.dfr:
+    head, dfr_record = teacher_dfr(ctx, erm_vars)
+    models["teacher_dfr"] = {"role": "teacher", "method": "dfr", "metrics": dfr_record["metrics"],
+                             "selection": dfr_record["selection"]}
+  distill_head = head if config.distill.teacher == "dfr" else erm_vars["params"]["head"]
+
+  student_pre = pretrain(ctx, "student") if methods else None
+  error_set = np.zeros(0, np.int64)
+  if any(m.reweight for m in methods):
+    error_set = np.asarray(identification(ctx, student_pre)["error_set"], np.int64)
+  for method in methods:
+    models[f"student_{method.name}"] = student(ctx, method, student_pre, erm_vars, distill_head,
+                                               error_set)
+  ctx.logger.close()
+  results = {"config": config.to_dict(), "models": models}
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    write_report(results, workdir)
+  return results
+
+
+def parse_methods(methods: str) -> list[str]:
+  return [m.strip() for m in str(methods).split(",") if m.strip()]

@@ -1,0 +1,158 @@
+"""Group-wise evaluation metrics.
+
+Examples belong to groups g = y * num_attrs + a, where y is the class and a the
+spurious attribute. On device we accumulate per-group sums with `group_sums`;
+on the host `GroupAccumulator` adds them up across batches and the
+`group_*_metrics` functions turn the totals into named scalar metrics with keys
+of the form "<split>/<metric>", e.g. "test/acc/group_1_0".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def group_name(g: int, num_attrs: int = 2) -> str:
+  """Returns "group_{y}_{a}" for the group id g = y * num_attrs + a."""
+  g = int(g)
+  return f"group_{g // num_attrs}_{g % num_attrs}"
+
+
+def group_sums(
+    values: jnp.ndarray,
+    groups: jnp.ndarray,
+    mask: jnp.ndarray,
+    num_groups: int,
+) -> jnp.ndarray:
+  """Per-group sums of `values * mask` (jittable; num_groups must be static).
+
+  Args:
+    values: [b] float values (e.g. 1.0 for a correct prediction).
+    groups: [b] int group ids in [0, num_groups).
+    mask: [b] float, 1 for a real example and 0 for padding.
+    num_groups: number of groups G.
+
+  Returns:
+    [num_groups] float32 array of sums.
+  """
+  values = jnp.asarray(values, jnp.float32) * jnp.asarray(mask, jnp.float32)
+  return jax.ops.segment_sum(
+      values, jnp.asarray(groups, jnp.int32), num_segments=num_groups)
+
+
+class GroupAccumulator:
+  """Host-side accumulator of named per-group sums (float64, by addition).
+
+  Example:
+    acc = GroupAccumulator()
+    acc.update(correct=c, count=n)   # c, n: [G] arrays (numpy or jax)
+    totals = acc.totals()            # {"correct": [G], "count": [G]}
+  """
+
+  def __init__(self) -> None:
+    self._sums: dict[str, np.ndarray] = {}
+
+  def update(self, **named_sums: np.ndarray) -> None:
+    """Adds each [G] array to the running total of the same name."""
+    for name, value in named_sums.items():
+      value = np.asarray(value, dtype=np.float64)
+      if name in self._sums:
+        if self._sums[name].shape != value.shape:
+          raise ValueError(
+              f"Shape mismatch for {name!r}: {self._sums[name].shape} vs "
+              f"{value.shape}.")
+        self._sums[name] = self._sums[name] + value
+      else:
+        self._sums[name] = value.copy()
+
+  def totals(self) -> dict[str, np.ndarray]:
+    """Returns a copy of the dict name -> accumulated [G] float64 array."""
+    return {name: value.copy() for name, value in self._sums.items()}
+
+
+def group_accuracy_metrics(
+    correct: np.ndarray,
+    count: np.ndarray,
+    train_counts: np.ndarray,
+    *,
+    split: str,
+    num_attrs: int = 2,
+) -> dict[str, float]:
+  """Per-group, worst-group, average and train-adjusted average accuracy.
+
+  Groups with count 0 in this split get no per-group key and are excluded from
+  the worst-group and adjusted averages.
+
+  Args:
+    correct: [G] number of correct predictions per group.
+    count: [G] number of examples per group in the evaluated split.
+    train_counts: [G] number of training examples per group.
+    split: prefix of the metric keys, e.g. "val" or "test".
+    num_attrs: number of spurious attribute values.
+
+  Returns:
+    Dict with "{split}/acc/group_{y}_{a}", "{split}/worst_group_acc",
+    "{split}/avg_acc" and "{split}/adj_avg_acc" (fractions in [0, 1]).
+  """
+  correct = np.asarray(correct, dtype=np.float64)
+  count = np.asarray(count, dtype=np.float64)
+  train_counts = np.asarray(train_counts, dtype=np.float64)
+  if not correct.shape == count.shape == train_counts.shape:
+    raise ValueError(
+        f"Shape mismatch: correct {correct.shape}, count {count.shape}, "
+        f"train_counts {train_counts.shape}.")
+  present = count > 0
+  if not np.any(present):
+    raise ValueError(f"No group occurs in split {split!r}.")
+  acc = np.where(present, correct / np.where(present, count, 1.0), 0.0)
+  metrics: dict[str, float] = {}
+  for g in np.flatnonzero(present):
+    metrics[f"{split}/acc/{group_name(g, num_attrs)}"] = float(acc[g])
+  metrics[f"{split}/worst_group_acc"] = float(np.min(acc[present]))
+  metrics[f"{split}/avg_acc"] = float(correct.sum() / count.sum())
+  weights = np.where(present, train_counts, 0.0)
+  if weights.sum() > 0:
+    adj = float((weights * acc).sum() / weights.sum())
+  else:  # No training examples in any present group: fall back to plain avg.
+    adj = metrics[f"{split}/avg_acc"]
+  metrics[f"{split}/adj_avg_acc"] = adj
+  return metrics
+
+
+def group_ratio_metrics(
+    numerator: np.ndarray,
+    denominator: np.ndarray,
+    *,
+    split: str,
+    name: str,
+    num_attrs: int = 2,
+) -> dict[str, float]:
+  """Per-group and overall ratios sum(numerator) / sum(denominator).
+
+  Used e.g. for agreement with the teacher (numerator = agreements,
+  denominator = counts) and relative feature error.
+
+  Args:
+    numerator: [G] per-group numerator sums.
+    denominator: [G] per-group denominator sums.
+    split: key prefix, e.g. "test".
+    name: metric name, e.g. "agreement".
+    num_attrs: number of spurious attribute values.
+
+  Returns:
+    Dict with "{split}/{name}/group_{y}_{a}" for groups with denominator > 0
+    and "{split}/{name}" overall (omitted if the total denominator is 0).
+  """
+  num = np.asarray(numerator, dtype=np.float64)
+  den = np.asarray(denominator, dtype=np.float64)
+  if num.shape != den.shape:
+    raise ValueError(f"Shape mismatch: {num.shape} vs {den.shape}.")
+  metrics: dict[str, float] = {}
+  for g in np.flatnonzero(den > 0):
+    metrics[f"{split}/{name}/{group_name(g, num_attrs)}"] = float(
+        num[g] / den[g])
+  if den.sum() > 0:
+    metrics[f"{split}/{name}"] = float(num.sum() / den.sum())
+  return metrics

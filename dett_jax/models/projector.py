@@ -1,0 +1,55 @@
+"""Projectors p: student feature map -> teacher feature shape (DESIGN.md section 2.4)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+PROJECTORS = ("identity", "linear", "simkd", "simkd_dw")
+
+
+def align_spatial(x: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Average-pools the larger of two `[b, h, w, c]` maps down to the smaller's h, w."""
+  def pool_to(a, h, w):
+    ah, aw = a.shape[1:3]
+    if (ah, aw) == (h, w):
+      return a
+    if ah % h or aw % w:
+      raise ValueError(f"cannot average-pool a {ah}x{aw} map to {h}x{w}: sizes must divide")
+    return nn.avg_pool(a, (ah // h, aw // w), strides=(ah // h, aw // w))
+  h = min(x.shape[1], y.shape[1])
+  w = min(x.shape[2], y.shape[2])
+  return pool_to(x, h, w), pool_to(y, h, w)
+
+
+class Projector(nn.Module):
+  """Maps a student feature map `[b, h, w, c_s]` to `[b, h, w, teacher_channels]`.
+
+  kind: "identity" (shapes must already match), "linear" (1x1 conv), "simkd"
+  (1x1 conv-BN-ReLU, 3x3 conv-BN-ReLU, 1x1 conv-BN-ReLU; bottleneck width
+  teacher_channels // factor) or "simkd_dw" (the same with a depthwise 3x3).
+  """
+
+  kind: str
+  teacher_channels: int
+  factor: int = 2
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    if self.kind == "identity":
+      if x.shape[-1] != self.teacher_channels:
+        raise ValueError(
+            f"identity projector needs equal channels; student has {x.shape[-1]}, teacher "
+            f"{self.teacher_channels}: choose distill.projector=linear or simkd")
+      return x
+    if self.kind == "linear":
+      return nn.Conv(self.teacher_channels, (1, 1), name="conv")(x)
+    if self.kind not in ("simkd", "simkd_dw"):
+      raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    mid = max(1, self.teacher_channels // self.factor)
+    x = nn.relu(norm()(nn.Conv(mid, (1, 1), use_bias=False)(x)))
+    groups = mid if self.kind == "simkd_dw" else 1
+    x = nn.relu(norm()(nn.Conv(mid, (3, 3), use_bias=False, feature_group_count=groups)(x)))
+    x = nn.relu(norm()(nn.Conv(self.teacher_channels, (1, 1), use_bias=False)(x)))
+    return x

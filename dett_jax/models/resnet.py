@@ -1,0 +1,141 @@
+"""ResNet family in Flax Linen (basic and bottleneck blocks, depths 10/18/34/50).
+
+`ResNet.__call__` returns a dict with the last-stage feature map
+(`feature_map`, `[batch, h, w, c]`), the pooled features (`features`,
+`[batch, c]`) and the logits (`logits`, `[batch, num_classes]`). The classifier
+is the `nn.Dense` submodule named `head`, so its parameters are the subtree
+`params["head"]` and can be read out or replaced (see `dett_jax.transplant`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with a residual connection (ResNet-10/18/34)."""
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+      residual = self.norm(name="norm_proj")(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 -> 1x1 bottleneck with 4x expansion (ResNet-50)."""
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    residual = x
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
+      residual = self.norm(name="norm_proj")(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet with an ImageNet stem (7x7/2 conv + 3x3/2 max-pool) or a small-image stem.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    block_cls: `BasicBlock` or `BottleneckBlock`.
+    num_classes: width of the Dense head; None builds no head (no `logits` output).
+    width: width multiplier; stage widths are round(64 * width * 2**i).
+    stem: "imagenet" or "small" (one 3x3 stride-1 conv, no pooling; for 32-pixel images).
+    dtype: activation/matmul dtype (parameters stay float32).
+  """
+
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int | None
+  width: float = 1.0
+  stem: str = "imagenet"
+  dtype: Any = jnp.float32
+
+  def setup_check(self) -> None:
+    if self.stem not in ("imagenet", "small"):
+      raise ValueError(f"model.stem must be 'imagenet' or 'small', got {self.stem!r}")
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
+    """Maps images `[batch, h, w, 3]` to feature map, pooled features and logits."""
+    self.setup_check()
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        dtype=self.dtype)
+    base = max(1, int(round(64 * self.width)))
+    x = x.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = conv(base, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+      x = nn.relu(norm(name="bn_init")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    else:
+      x = conv(base, (3, 3), name="conv_init")(x)
+      x = nn.relu(norm(name="bn_init")(x))
+    for i, block_count in enumerate(self.stage_sizes):
+      for j in range(block_count):
+        strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+        x = self.block_cls(base * 2**i, conv=conv, norm=norm, strides=strides)(x)
+    feature_map = x.astype(jnp.float32)
+    features = jnp.mean(feature_map, axis=(1, 2))
+    out = {"feature_map": feature_map, "features": features}
+    if self.num_classes:
+      out["logits"] = nn.Dense(self.num_classes, name="head")(features)
+    return out
+
+
+STAGES: dict[int, tuple[tuple[int, ...], ModuleDef]] = {
+    10: ((1, 1, 1, 1), BasicBlock),
+    18: ((2, 2, 2, 2), BasicBlock),
+    34: ((3, 4, 6, 3), BasicBlock),
+    50: ((3, 4, 6, 3), BottleneckBlock),
+}
+
+
+def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem: str = "imagenet",
+                  dtype: Any = jnp.float32) -> ResNet:
+  """Builds ResNet-`depth` (10, 18, 34 or 50)."""
+  if depth not in STAGES:
+    raise ValueError(f"model depth must be one of 10, 18, 34, 50; got {depth}")
+  if stem not in ("imagenet", "small"):
+    raise ValueError(f"model stem must be 'imagenet' or 'small'; got {stem!r}")
+  if width <= 0:
+    raise ValueError(f"model width must be > 0; got {width}")
+  stage_sizes, block_cls = STAGES[depth]
+  return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
+                width=width, stem=stem, dtype=dtype)
+
+
+def feature_channels(depth: int, width: float) -> int:
+  """Channels of the last-stage feature map of ResNet-`depth` at `width`."""
+  base = max(1, int(round(64 * width)))
+  expansion = 4 if STAGES[depth][1] is BottleneckBlock else 1
+  return base * 8 * expansion

@@ -1,0 +1,266 @@
+"""Human-readable reports of evaluation results (markdown table + bar chart).
+
+`write_report` expects results of the shape
+
+  {"config": {...},
+   "models": {NAME: {"role": "teacher" | "student", "method": M,
+                     "metrics": {"test/worst_group_acc": x, ...},
+                     "selection": {...}}}}   # "selection" is optional
+
+with metric keys as produced by `dett_jax.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+MISSING = "—"
+
+_GROUP_RE = re.compile(r"^group_(\d+)_(\d+)$")
+
+
+def _to_builtin(obj: Any) -> Any:
+  """json.dump `default` hook converting numpy (and jax) values."""
+  if isinstance(obj, np.bool_):
+    return bool(obj)
+  if isinstance(obj, np.integer):
+    return int(obj)
+  if isinstance(obj, np.floating):
+    return float(obj)
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if hasattr(obj, "__array__"):  # e.g. jax.Array.
+    arr = np.asarray(obj)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+  raise TypeError(f"Object of type {type(obj).__name__} is not JSON "
+                  "serializable")
+
+
+def _to_builtin_or_str(obj: Any) -> Any:
+  """Lenient variant of `_to_builtin` for display: falls back to str()."""
+  try:
+    return _to_builtin(obj)
+  except TypeError:
+    return str(obj)
+
+
+def _replace_atomic(path: str, write_fn: Callable[[str], None]) -> None:
+  """Calls write_fn(tmp_path) on a temp file next to `path`, then renames."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(
+      dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  os.close(fd)
+  try:
+    write_fn(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON (indent=2) to `path` atomically.
+
+  Numpy scalars/arrays are converted to Python floats, ints and lists.
+  """
+  def _write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=False, default=_to_builtin)
+      f.write("\n")
+  _replace_atomic(path, _write)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+  def _write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  _replace_atomic(path, _write)
+
+
+def format_percent(x: Any) -> str:
+  """Formats a fraction in [0, 1] as a percentage with one decimal ("92.3")."""
+  if x is None or not np.isfinite(float(x)):
+    return MISSING
+  return f"{100.0 * float(x):.1f}"
+
+
+def format_float(x: Any, digits: int = 3) -> str:
+  """Formats a number with `digits` decimals; None/NaN -> "—"."""
+  if x is None or not np.isfinite(float(x)):
+    return MISSING
+  return f"{float(x):.{digits}f}"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]],
+                 columns: Sequence[str]) -> str:
+  """Renders rows (dicts column -> value) as a markdown table.
+
+  Values are converted with str(); a missing column (or None) shows "—".
+  Returns the table text ending with a newline.
+  """
+  def _cell(value: Any) -> str:
+    if value is None:
+      return MISSING
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+  lines = ["| " + " | ".join(_cell(c) for c in columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+  for row in rows:
+    lines.append(
+        "| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _groups_with_prefix(models: Mapping[str, Mapping[str, Any]],
+                        prefix: str) -> list[str]:
+  """Sorted group names g such that some model has metric prefix + g."""
+  found = set()
+  for model in models.values():
+    for key in model.get("metrics", {}):
+      if key.startswith(prefix):
+        rest = key[len(prefix):]
+        if _GROUP_RE.match(rest):
+          found.add(rest)
+  return sorted(found, key=lambda g: tuple(
+      int(v) for v in _GROUP_RE.match(g).groups()))
+
+
+def _main_table(models: Mapping[str, Mapping[str, Any]],
+                groups: Sequence[str]) -> str:
+  columns = ["model", "role", "method", "test worst group", "test average",
+             "test adjusted average"]
+  columns += [f"test {g}" for g in groups]
+  columns.append("val worst group")
+  rows = []
+  for name, model in models.items():
+    m = model.get("metrics", {})
+    row = {
+        "model": name,
+        "role": model.get("role", MISSING),
+        "method": model.get("method", MISSING),
+        "test worst group": format_percent(m.get("test/worst_group_acc")),
+        "test average": format_percent(m.get("test/avg_acc")),
+        "test adjusted average": format_percent(m.get("test/adj_avg_acc")),
+        "val worst group": format_percent(m.get("val/worst_group_acc")),
+    }
+    for g in groups:
+      row[f"test {g}"] = format_percent(m.get(f"test/acc/{g}"))
+    rows.append(row)
+  return format_table(rows, columns)
+
+
+def _diagnostics_table(models: Mapping[str, Mapping[str, Any]]) -> str | None:
+  students = {
+      name: model for name, model in models.items()
+      if model.get("role") == "student" and any(
+          k.startswith(("test/agreement", "test/feature_error"))
+          for k in model.get("metrics", {}))
+  }
+  if not students:
+    return None
+  agree_groups = _groups_with_prefix(students, "test/agreement/")
+  feat_groups = _groups_with_prefix(students, "test/feature_error/")
+  columns = ["model", "method", "agreement"]
+  columns += [f"agreement {g}" for g in agree_groups]
+  columns.append("feature error")
+  columns += [f"feature error {g}" for g in feat_groups]
+  rows = []
+  for name, model in students.items():
+    m = model.get("metrics", {})
+    row = {
+        "model": name,
+        "method": model.get("method", MISSING),
+        "agreement": format_percent(m.get("test/agreement")),
+        "feature error": format_float(m.get("test/feature_error")),
+    }
+    for g in agree_groups:
+      row[f"agreement {g}"] = format_percent(m.get(f"test/agreement/{g}"))
+    for g in feat_groups:
+      row[f"feature error {g}"] = format_float(
+          m.get(f"test/feature_error/{g}"))
+    rows.append(row)
+  return format_table(rows, columns)
+
+
+def _plot_groups(models: Mapping[str, Mapping[str, Any]],
+                 groups: Sequence[str], path: str) -> None:
+  """Grouped bar chart of test per-group accuracy, saved atomically."""
+  # pylint: disable=g-import-not-at-top
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import PercentFormatter
+  # pylint: enable=g-import-not-at-top
+
+  names = list(models)
+  num_models = max(len(names), 1)
+  x = np.arange(len(groups))
+  width = 0.8 / num_models
+  fig, ax = plt.subplots(
+      figsize=(max(4.0, 1.2 * len(groups) + 0.4 * len(names) + 2.0), 4.0))
+  try:
+    for i, name in enumerate(names):
+      m = models[name].get("metrics", {})
+      values = [m.get(f"test/acc/{g}", np.nan) for g in groups]
+      values = [np.nan if v is None else float(v) for v in values]
+      ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups)
+    ax.set_xlabel("group (class, attribute)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.set_title("Test accuracy per group")
+    if names:
+      ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    _replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+  finally:
+    plt.close(fig)
+
+
+def write_report(results: Mapping[str, Any], workdir: str) -> None:
+  """Writes report.md and groups.png into `workdir` (both atomically).
+
+  Args:
+    results: {"config": {...}, "models": {NAME: {"role", "method", "metrics",
+      optional "selection"}}}; models are listed in dict order.
+    workdir: output directory (created if missing).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  models = results.get("models", {})
+  groups = _groups_with_prefix(models, "test/acc/")
+
+  parts = ["# DeTT results\n",
+           "Accuracies in percent; " + MISSING + " marks a missing metric.\n",
+           _main_table(models, groups)]
+  diagnostics = _diagnostics_table(models)
+  if diagnostics is not None:
+    parts += [
+        "## Student diagnostics\n",
+        "Test agreement with the teacher (percent) and relative feature "
+        "error sum ||p(f_S) - f_T||^2 / sum ||f_T - mean f_T||^2.\n",
+        diagnostics,
+    ]
+  selections = {name: model["selection"] for name, model in models.items()
+                if model.get("selection")}
+  if selections:
+    parts += ["## Model selection\n", "```json",
+              json.dumps(selections, indent=2, default=_to_builtin_or_str),
+              "```\n"]
+  if results.get("config"):
+    parts += ["## Config\n", "```json",
+              json.dumps(results["config"], indent=2,
+                         default=_to_builtin_or_str),
+              "```\n"]
+  parts.append("![test accuracy per group](groups.png)\n")
+  _write_text_atomic(os.path.join(workdir, "report.md"), "\n".join(parts))
+  _plot_groups(models, groups, os.path.join(workdir, "groups.png"))

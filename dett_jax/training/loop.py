@@ -1,0 +1,171 @@
+"""The training loop shared by every stage: epochs, evaluation, selection, checkpoints.
+
+A stage's progress lives in an Orbax `CheckpointManager` under `<stage_dir>/checkpoints`
+with three items: `state` (trained parameters and optimizer state), `best` (the
+variables selected so far) and `meta` (step, history, selection). The step number
+fixes the position in the data (epoch = step // steps_per_epoch), so resuming
+continues mid-epoch with exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+from jax.sharding import Mesh
+
+from dett_jax.sharding import shard_batch
+from dett_jax.training.steps import TrainState
+
+
+class MetricLogger:
+  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.enabled = jax.process_index() == 0
+    self._writers = {}
+
+  def write(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"stage": stage, "step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if stage not in self._writers:
+      from tensorboardX import SummaryWriter  # imported lazily: only needed when logging
+      self._writers[stage] = SummaryWriter(os.path.join(self.workdir, "tensorboard", stage))
+    for k, v in metrics.items():
+      self._writers[stage].add_scalar(k, float(v), int(step))
+
+  def close(self) -> None:
+    for w in self._writers.values():
+      w.close()
+    self._writers = {}
+
+
+@dataclasses.dataclass
+class FitSpec:
+  """What one training stage runs.
+
+  make_epoch: epoch -> grain.MapDataset of this process's batches.
+  evaluate: variables -> validation metrics (None: no evaluation during training).
+  select_metric: metric maximised for model selection; None keeps the last epoch.
+  """
+
+  name: str
+  stage_dir: str
+  num_epochs: int
+  steps_per_epoch: int
+  make_epoch: Callable[[int], grain.MapDataset]
+  evaluate: Callable[[Any], dict[str, float]] | None = None
+  select_metric: str | None = None
+  log_every_steps: int = 20
+  checkpoint_every_steps: int = 0
+  max_steps: int | None = None  # stop early (tests of resume); None runs to the end
+
+
+def _variables(state: TrainState) -> dict[str, Any]:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _copy(tree: Any) -> Any:
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _manager(stage_dir: str) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(stage_dir, "checkpoints")),
+                               options=options, item_names=("state", "best", "meta"))
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mesh: Mesh,
+        logger: MetricLogger) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Trains `state` with the jitted `train_step`; returns (selected variables, summary).
+
+  The summary holds the history of validation metrics and the selection record.
+  Resumes from the stage's latest checkpoint when there is one.
+  """
+  manager = _manager(spec.stage_dir)
+  total_steps = spec.num_epochs * spec.steps_per_epoch
+  best = _copy(_variables(state))
+  meta = {"step": 0, "history": [], "best_epoch": None, "best_value": None}
+  latest = manager.latest_step()
+  if latest is not None:
+    restored = manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(state)),
+        best=ocp.args.StandardRestore(_abstract(best)),
+        meta=ocp.args.JsonRestore()))
+    state, best, meta = restored["state"], restored["best"], restored["meta"]
+
+  def save(step: int) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  step = int(meta["step"])
+  stop_at = total_steps if spec.max_steps is None else min(total_steps, spec.max_steps)
+  bar = tqdm.tqdm(total=total_steps, initial=step, desc=spec.name, unit="step",
+                  disable=jax.process_index() != 0, dynamic_ncols=True, leave=False)
+  pending: list[dict] = []
+  epoch_data = None
+  start = time.time()
+  while step < stop_at:
+    epoch, index = divmod(step, spec.steps_per_epoch)
+    if epoch_data is None or index == 0:
+      epoch_data = spec.make_epoch(epoch)
+    batch = shard_batch(epoch_data[index], mesh)
+    state, metrics = train_step(state, batch, frozen)
+    pending.append(metrics)
+    step += 1
+    bar.update(1)
+    if step % spec.log_every_steps == 0 or step == stop_at:
+      host = jax.device_get(pending)
+      mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      mean["steps_per_sec"] = len(host) / max(time.time() - start, 1e-9)
+      start, pending = time.time(), []
+      logger.write(spec.name, step, mean)
+      bar.set_postfix(loss=f"{mean['loss']:.4f}")
+    if step % spec.steps_per_epoch == 0:
+      epoch_done = step // spec.steps_per_epoch
+      record = {"epoch": epoch_done, "step": step}
+      if spec.evaluate is not None:
+        record.update(spec.evaluate(_variables(state)))
+        logger.write(spec.name, step, {k: v for k, v in record.items() if "/" in k})
+      meta["history"].append(record)
+      value = record.get(spec.select_metric) if spec.select_metric else None
+      if spec.select_metric is None or meta["best_value"] is None or (
+          value is not None and value > meta["best_value"]):
+        best, meta["best_epoch"], meta["best_value"] = _copy(_variables(state)), epoch_done, value
+      meta["step"] = step
+      save(step)
+    elif spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0:
+      meta["step"] = step
+      save(step)
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  if step < total_steps:
+    raise Interrupted(f"stage {spec.name} stopped at step {step} of {total_steps} (max_steps)")
+  summary = {"history": meta["history"], "selection": {
+      "metric": spec.select_metric or "last_epoch", "epoch": meta["best_epoch"],
+      "value": meta["best_value"]}}
+  return best, summary
+
+
+class Interrupted(RuntimeError):
+  """Raised when a stage stops before its last step (`max_steps`); re-running resumes it."""

@@ -1,0 +1,166 @@
+"""Pure train and eval steps: `(state, batch, frozen) -> (state, metrics)`.
+
+`state` holds only what is trained (student backbone, projector, and a head when
+the method trains one) and its optimizer state. `frozen` holds the teacher's
+variables and the transplanted head; they are separate arguments, never in the
+optimizer state, so they cannot change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dett_jax import objectives
+from dett_jax.methods import Method
+from dett_jax.metrics import group_sums
+from dett_jax.models.projector import align_spatial
+from dett_jax.transplant import dense_apply
+
+Batch = dict[str, jnp.ndarray]
+Tree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Tree
+  batch_stats: Tree
+  opt_state: optax.OptState
+
+
+def create_state(params: Tree, batch_stats: Tree, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params))
+
+
+@flax.struct.dataclass
+class Networks:
+  """The modules a step applies (static)."""
+
+  student: nn.Module = flax.struct.field(pytree_node=False)
+  projector: nn.Module | None = flax.struct.field(pytree_node=False, default=None)
+  teacher: nn.Module | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def teacher_outputs(networks: Networks, frozen: Tree, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
+  """Teacher in inference mode (BatchNorm running statistics), gradients stopped."""
+  out = networks.teacher.apply(frozen["teacher"], images, train=False)
+  logits = dense_apply(frozen["teacher_head"], out["features"])
+  return jax.lax.stop_gradient({"feature_map": out["feature_map"], "logits": logits})
+
+
+def student_outputs(networks: Networks, method: Method, params: Tree, batch_stats: Tree,
+                    frozen: Tree, images: jnp.ndarray, train: bool) -> tuple[dict, Tree]:
+  """Student forward pass: logits, and the projected feature map for feature methods."""
+  mutable = ["batch_stats"] if train else False
+  variables = {"params": params["student"], "batch_stats": batch_stats["student"]}
+  out = networks.student.apply(variables, images, train=train, mutable=mutable)
+  out, new_stats = out if train else (out, {})
+  new_batch_stats = {"student": new_stats.get("batch_stats", batch_stats["student"])}
+  if method.objective != "feature":
+    return {"logits": out["logits"]}, new_batch_stats
+  variables = {"params": params["projector"], "batch_stats": batch_stats.get("projector", {})}
+  projected = networks.projector.apply(variables, out["feature_map"], train=train, mutable=mutable)
+  projected, new_stats = projected if train else (projected, {})
+  new_batch_stats["projector"] = new_stats.get("batch_stats", batch_stats.get("projector", {}))
+  head = frozen["head"] if method.transplant else params["head"]
+  pooled = jnp.mean(projected, axis=(1, 2))
+  # Without transplant, the head learns on the matched features only (no gradient
+  # into the backbone), so the features train exactly as in DeTT.
+  head_input = pooled if method.transplant else jax.lax.stop_gradient(pooled)
+  return {"logits": dense_apply(head, head_input), "projected": projected,
+          "pooled": pooled}, new_batch_stats
+
+
+def method_loss(method: Method, student: dict, teacher: dict | None, batch: Batch,
+                config: Any) -> tuple[jnp.ndarray, dict]:
+  """Scalar loss of `method` on one batch, and its parts."""
+  weights = batch["weight"] * batch["mask"]
+  parts = {}
+  if method.objective == "ce":
+    loss = objectives.weighted_mean(objectives.cross_entropy(student["logits"], batch["label"]), weights)
+  elif method.objective == "kd":
+    kd = objectives.weighted_mean(
+        objectives.kd_loss(student["logits"], teacher["logits"], config.temperature), weights)
+    ce = objectives.weighted_mean(objectives.cross_entropy(student["logits"], batch["label"]), weights)
+    loss = (1.0 - config.kd_ce_weight) * kd + config.kd_ce_weight * ce
+    parts = {"kd_loss": kd, "ce_loss": ce}
+  else:
+    s_map, t_map = align_spatial(student["projected"], teacher["feature_map"])
+    if config.match == "pooled":
+      s_map, t_map = jnp.mean(s_map, axis=(1, 2)), jnp.mean(t_map, axis=(1, 2))
+    loss = objectives.feature_loss(s_map, t_map, weights)
+    parts = {"feature_loss": loss}
+    if method.trains_head:
+      ce = objectives.weighted_mean(objectives.cross_entropy(student["logits"], batch["label"]), weights)
+      parts["ce_loss"] = ce
+      loss = loss + ce
+  return loss, parts
+
+
+def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransformation,
+                    config: Any) -> Callable:
+  """Returns `step(state, batch, frozen) -> (state, metrics)` (pure; jit it with shardings)."""
+
+  def step(state: TrainState, batch: Batch, frozen: Tree) -> tuple[TrainState, dict]:
+    teacher = teacher_outputs(networks, frozen, batch["image"]) if method.uses_teacher else None
+
+    def loss_fn(params):
+      student, new_stats = student_outputs(networks, method, params, state.batch_stats, frozen,
+                                           batch["image"], train=True)
+      loss, parts = method_loss(method, student, teacher, batch, config)
+      return loss, (new_stats, parts, student["logits"])
+
+    (loss, (new_stats, parts, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
+    metrics = {"loss": loss, "train_acc": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
+               "grad_norm": optax.global_norm(grads), **parts}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(networks: Networks, method: Method | None, num_groups: int) -> Callable:
+  """Returns `eval_step(variables, batch, frozen) -> per-group sums`.
+
+  With `method=None` the model evaluated is the teacher in `frozen` (variables
+  unused). For students, agreement with the teacher's predictions and, for
+  feature methods, the sums needed for the relative feature error are included:
+  `feat_sq_err [G]`, `teacher_sq [G]`, `teacher_sum [G, D]`.
+  """
+
+  def eval_step(variables: Tree, batch: Batch, frozen: Tree) -> dict[str, jnp.ndarray]:
+    mask, groups = batch["mask"], batch["group"]
+    sums = lambda v: group_sums(v, groups, mask, num_groups)
+    teacher = teacher_outputs(networks, frozen, batch["image"]) if networks.teacher else None
+    if method is None:
+      logits = teacher["logits"]
+    else:
+      student, _ = student_outputs(networks, method, variables["params"], variables["batch_stats"],
+                                   frozen, batch["image"], train=False)
+      logits = student["logits"]
+    pred = jnp.argmax(logits, -1)
+    out = {"correct": sums((pred == batch["label"]).astype(jnp.float32)),
+           "count": sums(jnp.ones_like(mask))}
+    if method is not None and teacher is not None:
+      out["agree"] = sums((pred == jnp.argmax(teacher["logits"], -1)).astype(jnp.float32))
+      if method.objective == "feature":
+        s_map, t_map = align_spatial(student["projected"], teacher["feature_map"])
+        flat_t = t_map.reshape(t_map.shape[0], -1)
+        out["feat_sq_err"] = sums(jnp.sum(jnp.square(s_map - t_map).reshape(flat_t.shape), -1))
+        out["teacher_sq"] = sums(jnp.sum(jnp.square(flat_t), -1))
+        onehot = jax.nn.one_hot(groups, num_groups) * mask[:, None]
+        out["teacher_sum"] = onehot.T @ flat_t
+    return out
+
+  return eval_step

@@ -1,0 +1,30 @@
+"""Runs the DeTT pipeline: `python train.py --config=configs/synthetic.py --workdir=DIR`.
+
+Any config field can be overridden, e.g. `--config.distill.methods=dett,kd
+--config.distill.lambda_up=20`.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from dett_jax.sharding import configure_cpu_devices
+  configure_cpu_devices(FLAGS.config.mesh.cpu_devices)  # before jax starts its backends
+  from dett_jax.experiment import train_and_evaluate
+  from dett_jax.validation import ConfigError
+  logging.set_verbosity(logging.INFO)
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+  app.run(main)
