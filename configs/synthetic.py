@@ -11,9 +11,10 @@ ERM identification model (T_id epochs) -> every student method.
 import ml_collections
 
 
-def optim(epochs: int, learning_rate: float, weight_decay: float = 5e-4) -> ml_collections.ConfigDict:
+def optim(epochs: int, learning_rate: float, weight_decay: float = 5e-4,
+          optimizer: str = "sgd") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      optimizer="sgd", epochs=epochs, learning_rate=learning_rate, momentum=0.9,
+      optimizer=optimizer, epochs=epochs, learning_rate=learning_rate, momentum=0.9,
       weight_decay=weight_decay, warmup_epochs=0.0))
 
 
@@ -25,16 +26,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = True
   config.log_every_steps = 20
   config.checkpoint_every_steps = 50
+  config.stop_after_steps = 0  # >0: stop each stage after this many steps, as if preempted
 
   config.data = ml_collections.ConfigDict(dict(
       name="synthetic", image_size=32, train_size=2000, val_size=800, test_size=1000,
-      class_shapes=(0, 1), noise=0.08, seed=0))
+      class_shapes=(3, 2), noise=0.05, faint=0.15, seed=0))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, cpu_devices=0))
 
   config.pretrain = ml_collections.ConfigDict(dict(enabled=True, size=4000))
-  config.pretrain.teacher = optim(epochs=6, learning_rate=0.1)
-  config.pretrain.student = optim(epochs=6, learning_rate=0.1)
+  config.pretrain.teacher = optim(epochs=5, learning_rate=3e-3, optimizer="adamw", weight_decay=1e-4)
+  config.pretrain.student = optim(epochs=5, learning_rate=3e-3, optimizer="adamw", weight_decay=1e-4)
 
   config.teacher = ml_collections.ConfigDict(dict(
       depth=18, width=0.125, stem="small", checkpoint="", dfr=True,

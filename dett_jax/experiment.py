@@ -33,9 +33,10 @@ from dett_jax.methods import METHODS, Method, get_method
 from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet, feature_channels
 from dett_jax.report import write_json_atomic, write_report
-from dett_jax.sharding import make_mesh, replicate, replicated, batch_sharding, shard_batch
+from dett_jax.sharding import make_mesh, replicate, shard_batch
 from dett_jax.training.loop import FitSpec, MetricLogger, fit
-from dett_jax.training.steps import Networks, TrainState, create_state, make_eval_step, make_train_step
+from dett_jax.training.steps import (Networks, TrainState, create_state, jit_train_step,
+                                     make_eval_step, make_train_step)
 from dett_jax.validation import check_workdir_config, validate_config
 
 ERM = Method("erm", "ce", reweight=False, transplant=False)
@@ -95,14 +96,6 @@ class Context:
     return path
 
 
-def jit_train_step(ctx: Context, step_fn: Any, state: TrainState, frozen: Tree) -> Any:
-  rep, data = replicated(ctx.mesh), batch_sharding(ctx.mesh)
-  state_sharding = jax.tree.map(lambda _: rep, state)
-  frozen_sharding = jax.tree.map(lambda _: rep, frozen)
-  return jax.jit(step_fn, in_shardings=(state_sharding, data, frozen_sharding),
-                 out_shardings=(state_sharding, rep), donate_argnums=0)
-
-
 def evaluate(ctx: Context, eval_step: Any, variables: Tree, frozen: Tree, splits=("val", "test")
              ) -> dict[str, float]:
   metrics = {}
@@ -129,7 +122,8 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   variables = jax.tree.map(jnp.copy, variables)
   state = replicate(create_state(variables["params"], variables["batch_stats"], tx), ctx.mesh)
   frozen = replicate(frozen, ctx.mesh)
-  step_fn = jit_train_step(ctx, make_train_step(networks, method, tx, config.distill), state, frozen)
+  step_fn = jit_train_step(make_train_step(networks, method, tx, config.distill), ctx.mesh,
+                           state, frozen)
   seed = config.seed * 1000 + seed_offset
 
   def make_epoch(epoch: int):
@@ -144,7 +138,7 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
                  steps_per_epoch=steps_per_epoch, make_epoch=make_epoch, evaluate=evaluate_fn,
                  select_metric=select_metric, log_every_steps=config.log_every_steps,
                  checkpoint_every_steps=config.checkpoint_every_steps,
-                 max_steps=config.get("max_steps_per_stage"))
+                 stop_after_steps=config.get("stop_after_steps") or None)
   return fit(spec, state, step_fn, frozen, ctx.mesh, ctx.logger)
 
 
@@ -203,7 +197,7 @@ def pretrain(ctx: Context, role: str) -> Tree:
 
   def body():
     data = make_pretraining_set(config.pretrain.size, config.data.image_size, config.data.seed,
-                                config.data.noise)
+                                config.data.noise, config.data.faint)
     variables, summary = train_model(ctx, f"pretrain_{role}", erm_networks(model), ERM,
                                      wrap(initial), {}, data, config.pretrain[role],
                                      seed_offset=seed_offset)
@@ -222,11 +216,14 @@ def teacher_frozen(variables: Tree, head: Tree | None = None) -> Tree:
   return {"teacher": variables, "teacher_head": head or variables["params"]["head"]}
 
 
-def teacher_erm(ctx: Context, pretrained: Tree) -> tuple[Tree, dict]:
+def teacher_erm(ctx: Context, pretrained: Tree | None) -> tuple[Tree, dict]:
   """ERM teacher (fine-tuned from the pretrained backbone), or the user's checkpoint."""
   config = ctx.config
   model = resnet(config.teacher, ctx.splits["train"].num_classes)
-  template = with_new_head(pretrained, model, config.data.image_size, config.seed * 1000 + 3)
+  if pretrained is None:  # a checkpoint will fill it
+    template = init_model(model, config.data.image_size, config.seed * 1000 + 3)
+  else:
+    template = with_new_head(pretrained, model, config.data.image_size, config.seed * 1000 + 3)
   eval_step = teacher_eval_step(ctx, model)
 
   def body():
@@ -380,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                mesh.devices.size, ctx.train_counts.tolist())
   methods = [get_method(m) for m in parse_methods(config.distill.methods)]
 
-  teacher_pre = pretrain(ctx, "teacher")
+  teacher_pre = None if config.teacher.checkpoint else pretrain(ctx, "teacher")
   erm_vars, erm_record = teacher_erm(ctx, teacher_pre)
   models = {"teacher_erm": {"role": "teacher", "method": "erm", "metrics": erm_record["metrics"]}}
   head = erm_vars["params"]["head"]

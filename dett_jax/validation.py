@@ -15,7 +15,7 @@ from dett_jax.report import write_json_atomic
 
 # Fields that change how a run is watched, not what it computes: a workdir may be
 # re-run with other values of these (and with more or fewer student methods).
-NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "max_steps_per_stage",
+NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "stop_after_steps",
                      "distill.methods", "eval_batch_size")
 
 
@@ -67,7 +67,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(s == t, f"distill.projector=identity needs equal feature channels, but the student has "
            f"{s} and the teacher {t}; use distill.projector=linear or simkd, or match the widths")
   _check(config.batch_size > 0, "batch_size must be > 0")
-  for name in ("identification", "distill.optim", "teacher.optim"):
+  for name in ("identification", "distill.optim", "teacher.optim", "pretrain.teacher",
+               "pretrain.student"):
     optim = config
     for part in name.split("."):
       optim = optim[part]

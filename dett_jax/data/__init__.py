@@ -17,5 +17,6 @@ def load_splits(data_config: Any) -> dict[str, Split]:
     if size < 8:
       raise ValueError(f"data.{split}_size={size} is too small; use at least 8 examples")
   return {split: make_split(split, size, data_config.image_size, data_config.seed,
-                            tuple(data_config.class_shapes), data_config.noise)
+                            tuple(data_config.class_shapes), data_config.noise,
+                            data_config.faint)
           for split, size in sizes.items()}

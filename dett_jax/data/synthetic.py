@@ -111,14 +111,19 @@ def _backgrounds(bg_ids: np.ndarray, size: int, rng: np.random.Generator) -> np.
 
 
 def render(shape_ids: np.ndarray, bg_ids: np.ndarray, size: int, rng: np.random.Generator,
-           noise: float = 0.08) -> np.ndarray:
+           noise: float = 0.05, faint: float = 0.15) -> np.ndarray:
   """Renders uint8 images `[n, size, size, 3]` of shapes on backgrounds."""
   n = len(shape_ids)
   img = _backgrounds(bg_ids, size, rng)
-  masks = _shape_masks(shape_ids, size, rng, min_radius=size * 0.16, max_radius=size * 0.26)
-  # Object colour is random and independent of class and background.
-  colour = rng.uniform(0.0, 1.0, (n, 1, 1, 3)).astype(np.float32)
-  img = np.where(masks[..., None], colour, img)
+  masks = _shape_masks(shape_ids, size, rng, min_radius=size * 0.25, max_radius=size * 0.35)
+  # Object colour is random, bright and independent of class and background. A
+  # fraction `faint` of objects is blended almost into the background: there the
+  # shape is barely visible, so the object predicts the class less reliably than
+  # the background does on the correlated training split (as birds in real photos).
+  colour = rng.uniform(0.6, 1.0, (n, 1, 1, 3)).astype(np.float32)
+  opacity = np.where(rng.random(n) < faint, rng.uniform(0.0, 0.15, n), rng.uniform(0.6, 1.0, n))
+  opacity = opacity[:, None, None, None].astype(np.float32)
+  img = np.where(masks[..., None], opacity * colour + (1 - opacity) * img, img)
   img = img + rng.normal(0, noise, img.shape)
   return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
@@ -131,26 +136,27 @@ def _group_sizes(total: int, proportions) -> list[int]:
 
 
 def make_split(split: str, size: int, image_size: int, seed: int, class_shapes=(0, 1),
-               noise: float = 0.08) -> Split:
+               noise: float = 0.05, faint: float = 0.15) -> Split:
   """Generates the `split` ("train", "val" or "test") of the built-in benchmark."""
   train = np.asarray(WATERBIRDS_TRAIN_GROUPS, np.float64)
   if split == "train":
-    proportions = train
+    sizes = _group_sizes(size, train)
   elif split in ("val", "test"):
-    class_frac = np.array([train[0] + train[1], train[2] + train[3]]) / train.sum()
-    proportions = np.repeat(class_frac / 2, 2)  # balanced attribute within each class
+    # Class sizes as in training; the attribute balanced within each class.
+    class_sizes = _group_sizes(size, [train[0] + train[1], train[2] + train[3]])
+    sizes = [n for c in class_sizes for n in (c - c // 2, c // 2)]
   else:
     raise ValueError(f"unknown split {split!r}; expected train, val or test")
   rng = np.random.default_rng([seed, ("train", "val", "test").index(split)])
-  sizes = _group_sizes(size, proportions)
   groups = np.concatenate([np.full(s, g) for g, s in enumerate(sizes)])
   groups = groups[rng.permutation(len(groups))]
   labels, attrs = groups // 2, groups % 2
-  images = render(np.asarray(class_shapes)[labels], attrs, image_size, rng, noise)
+  images = render(np.asarray(class_shapes)[labels], attrs, image_size, rng, noise, faint)
   return Split(images, labels.astype(np.int32), attrs.astype(np.int32))
 
 
-def make_pretraining_set(size: int, image_size: int, seed: int, noise: float = 0.08) -> Split:
+def make_pretraining_set(size: int, image_size: int, seed: int, noise: float = 0.05,
+                         faint: float = 0.15) -> Split:
   """Unbiased pretraining task: every shape on every background, labelled by shape.
 
   `attrs` holds the background id (4 values), so `groups` is (shape, background).
@@ -158,6 +164,6 @@ def make_pretraining_set(size: int, image_size: int, seed: int, noise: float = 0
   rng = np.random.default_rng([seed, 7])
   shapes = rng.integers(0, len(SHAPES), size)
   bgs = rng.integers(0, len(BACKGROUNDS), size)
-  images = render(shapes, bgs, image_size, rng, noise)
+  images = render(shapes, bgs, image_size, rng, noise, faint)
   return Split(images, shapes.astype(np.int32), bgs.astype(np.int32),
                num_classes=len(SHAPES), num_attrs=len(BACKGROUNDS))

@@ -71,7 +71,7 @@ class FitSpec:
   select_metric: str | None = None
   log_every_steps: int = 20
   checkpoint_every_steps: int = 0
-  max_steps: int | None = None  # stop early (tests of resume); None runs to the end
+  stop_after_steps: int | None = None  # stop (as if preempted) after this many steps; None: run on
 
 
 def _variables(state: TrainState) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
         meta=ocp.args.JsonSave(meta)), force=True)
 
   step = int(meta["step"])
-  stop_at = total_steps if spec.max_steps is None else min(total_steps, spec.max_steps)
+  stop_at = total_steps if spec.stop_after_steps is None else min(total_steps, step + spec.stop_after_steps)
   bar = tqdm.tqdm(total=total_steps, initial=step, desc=spec.name, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True, leave=False)
   pending: list[dict] = []
@@ -160,7 +160,8 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
   manager.wait_until_finished()
   manager.close()
   if step < total_steps:
-    raise Interrupted(f"stage {spec.name} stopped at step {step} of {total_steps} (max_steps)")
+    raise Interrupted(f"stage {spec.name} stopped at step {step} of {total_steps}; "
+                      "re-run the same command to resume")
   summary = {"history": meta["history"], "selection": {
       "metric": spec.select_metric or "last_epoch", "epoch": meta["best_epoch"],
       "value": meta["best_value"]}}
@@ -168,4 +169,4 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
 
 
 class Interrupted(RuntimeError):
-  """Raised when a stage stops before its last step (`max_steps`); re-running resumes it."""
+  """Raised when a stage stops before its last step (`stop_after_steps`); re-running resumes it."""

@@ -15,11 +15,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from dett_jax import objectives
 from dett_jax.methods import Method
 from dett_jax.metrics import group_sums
 from dett_jax.models.projector import align_spatial
+from dett_jax.sharding import batch_sharding, replicated
 from dett_jax.transplant import dense_apply
 
 Batch = dict[str, jnp.ndarray]
@@ -164,3 +166,13 @@ def make_eval_step(networks: Networks, method: Method | None, num_groups: int) -
     return out
 
   return eval_step
+
+
+def jit_train_step(step: Callable, mesh: Mesh, state: TrainState, frozen: Tree) -> Callable:
+  """`jax.jit` of a train step: batch sharded over `data`, state and frozen trees
+  replicated, state donated."""
+  rep, data = replicated(mesh), batch_sharding(mesh)
+  state_sharding = jax.tree.map(lambda _: rep, state)
+  frozen_sharding = jax.tree.map(lambda _: rep, frozen)
+  return jax.jit(step, in_shardings=(state_sharding, data, frozen_sharding),
+                 out_shardings=(state_sharding, rep), donate_argnums=0)

@@ -1,0 +1,102 @@
+"""Does splitting a CPU host into several XLA devices speed up a DeTT step?
+
+  python benchmarks/cpu_devices.py [--devices 1,2,4] [--steps 10]
+
+For each device count (one subprocess each, since the count is fixed when jax
+starts) it times the demo's DeTT train step (ResNet-18 teacher -> ResNet-10
+student, 32 pixels, global batch 128) and prints the median step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(steps: int) -> dict:
+  sys.path.insert(0, ROOT)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import importlib.util
+  from dett_jax.methods import METHODS
+  from dett_jax.models.projector import Projector
+  from dett_jax.models.resnet import create_resnet, feature_channels
+  from dett_jax.sharding import make_mesh, replicate, shard_batch
+  from dett_jax.training.steps import Networks, create_state, jit_train_step, make_train_step
+  from dett_jax.experiment import make_optimizer
+
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", "synthetic.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  size, batch_size = config.data.image_size, config.batch_size
+  teacher = create_resnet(config.teacher.depth, 2, config.teacher.width, config.teacher.stem)
+  student = create_resnet(config.student.depth, None, config.student.width, config.student.stem)
+  t_ch = feature_channels(config.teacher.depth, config.teacher.width)
+  projector = Projector(config.distill.projector, t_ch)
+  x = jnp.zeros((1, size, size, 3))
+  t_vars = teacher.init(jax.random.key(0), x)
+  s_vars = student.init(jax.random.key(1), x)
+  fmap = student.apply(s_vars, x)["feature_map"]
+  p_vars = projector.init(jax.random.key(2), fmap)
+  mesh = make_mesh(-1)
+  tx = make_optimizer(config.distill.optim, 100)
+  state = replicate(create_state({"student": s_vars["params"], "projector": p_vars["params"]},
+                                 {"student": s_vars["batch_stats"],
+                                  "projector": p_vars["batch_stats"]}, tx), mesh)
+  head = t_vars["params"]["head"]
+  frozen = replicate({"teacher": t_vars, "teacher_head": head, "head": head}, mesh)
+  networks = Networks(student=student, projector=projector, teacher=teacher)
+  step = jit_train_step(make_train_step(networks, METHODS["dett"], tx, config.distill), mesh,
+                        state, frozen)
+  rng = np.random.default_rng(0)
+  batch = shard_batch({
+      "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+      "label": rng.integers(0, 2, batch_size).astype(np.int32),
+      "group": np.zeros(batch_size, np.int32), "index": np.arange(batch_size, dtype=np.int32),
+      "weight": np.ones(batch_size, np.float32), "mask": np.ones(batch_size, np.float32)}, mesh)
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch, frozen)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch, frozen)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  return {"devices": jax.device_count(), "compile_s": compile_s,
+          "median_step_s": float(np.median(times)), "examples_per_s": batch_size / float(np.median(times))}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--devices", default="1,2,4")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--child", type=int, default=0)
+  args = parser.parse_args()
+  if args.child:
+    print(json.dumps(measure(args.steps)))
+    return
+  rows = []
+  for n in [int(d) for d in args.devices.split(",")]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    out = subprocess.run([sys.executable, __file__, "--child", str(n), "--steps", str(args.steps)],
+                         env=env, capture_output=True, text=True, check=True)
+    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  print(f"DeTT train step, demo config, {os.cpu_count()} CPU cores\n")
+  print("| XLA CPU devices | median step (s) | examples/s | compile (s) |")
+  print("|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['devices']} | {r['median_step_s']:.3f} | {r['examples_per_s']:.0f} | {r['compile_s']:.1f} |")
+
+
+if __name__ == "__main__":
+  main()

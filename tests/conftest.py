@@ -1,0 +1,49 @@
+"""Test setup: 8 simulated CPU devices (set before jax starts) and a tiny config."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str = "synthetic") -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """The demo config shrunk to seconds: 16-pixel images, tiny nets, 1 epoch per stage."""
+  config = load_config()
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.data.update(image_size=16, train_size=96, val_size=48, test_size=48)
+  config.pretrain.size = 32
+  for optim in (config.pretrain.teacher, config.pretrain.student, config.teacher.optim,
+                config.identification, config.distill.optim):
+    optim.epochs = 1
+  config.teacher.update(depth=10, width=0.0625, dfr_num_refits=2, dfr_c_grid=(1.0, 0.1))
+  config.student.update(depth=10, width=0.0625)
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config

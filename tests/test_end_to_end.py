@@ -1,0 +1,92 @@
+"""Every stage and method at a tiny size; resume; teacher checkpoints."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dett_jax.experiment import train_and_evaluate
+from dett_jax.methods import METHODS
+from dett_jax.training.loop import Interrupted
+
+ALL_METHODS = ",".join(METHODS)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  config = tiny_config(**{"distill.methods": ALL_METHODS})
+  return workdir, train_and_evaluate(config, workdir)
+
+
+def test_every_stage_and_method_runs(full_run):
+  workdir, results = full_run
+  names = {"teacher_erm", "teacher_dfr"} | {f"student_{m}" for m in METHODS}
+  assert set(results["models"]) == names
+  for name, entry in results["models"].items():
+    m = entry["metrics"]
+    for key in ("val/worst_group_acc", "test/worst_group_acc", "test/avg_acc", "test/adj_avg_acc"):
+      assert 0.0 <= m[key] <= 1.0, (name, key)
+    assert m["test/worst_group_acc"] <= m["test/avg_acc"] + 1e-9
+    assert sum(k.startswith("test/acc/group_") for k in m) == 4
+  for m in ("dett", "simkd", "dett_no_transplant"):
+    assert "test/feature_error/group_1_0" in results["models"][f"student_{m}"]["metrics"]
+  assert "test/agreement/group_0_0" in results["models"]["student_kd"]["metrics"]
+  for f in ("results.json", "report.md", "groups.png", "metrics.jsonl",
+            "identification/error_set.json"):
+    assert os.path.exists(os.path.join(workdir, f)), f
+  assert os.listdir(os.path.join(workdir, "tensorboard", "student_dett"))
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk["models"]["student_dett"]["role"] == "student"
+  assert on_disk["config"]["distill"]["methods"] == ALL_METHODS
+  with open(os.path.join(workdir, "identification", "error_set.json")) as f:
+    error_set = json.load(f)
+  assert error_set["settings"]["T_id"] == 1 and len(error_set["error_set"]) == error_set["size"]
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "student_dett" in report and "teacher_dfr" in report
+
+
+def test_rerun_skips_finished_stages(full_run):
+  workdir, results = full_run
+  before = os.path.getmtime(os.path.join(workdir, "student_dett", "done.json"))
+  again = train_and_evaluate(tiny_config(**{"distill.methods": ALL_METHODS}), workdir)
+  assert os.path.getmtime(os.path.join(workdir, "student_dett", "done.json")) == before
+  assert again["models"] == json.loads(json.dumps(results["models"]))
+
+
+def test_interrupted_run_resumes_to_the_same_results(tmp_path):
+  methods = "dett,kd_up"
+  straight = train_and_evaluate(tiny_config(**{"distill.methods": methods}),
+                                str(tmp_path / "straight"))
+  workdir = str(tmp_path / "resumed")
+  interruptions = 0
+  while True:  # every stage is stopped after 3 steps, then resumed from its checkpoint
+    try:
+      resumed = train_and_evaluate(
+          tiny_config(**{"distill.methods": methods, "stop_after_steps": 3}), workdir)
+      break
+    except Interrupted:
+      interruptions += 1
+  assert interruptions >= 5
+  for name, entry in straight["models"].items():
+    for key, value in entry["metrics"].items():
+      np.testing.assert_allclose(resumed["models"][name]["metrics"][key], value, rtol=1e-6,
+                                 err_msg=f"{name} {key}")
+
+
+def test_teacher_checkpoint_is_used_and_checked(full_run, tmp_path):
+  workdir, results = full_run
+  checkpoint = os.path.join(workdir, "teacher_erm", "final")
+  out = train_and_evaluate(tiny_config(**{"distill.methods": "simkd", "teacher.checkpoint": checkpoint}),
+                           str(tmp_path / "from_ckpt"))
+  np.testing.assert_allclose(out["models"]["teacher_erm"]["metrics"]["test/avg_acc"],
+                             results["models"]["teacher_erm"]["metrics"]["test/avg_acc"])
+  assert not os.path.exists(str(tmp_path / "from_ckpt" / "pretrain_teacher"))  # not needed
+  wrong = tiny_config(**{"distill.methods": "simkd", "teacher.checkpoint": checkpoint,
+                         "teacher.width": 0.125})
+  with pytest.raises(ValueError, match="does not fit the configured model"):
+    train_and_evaluate(wrong, str(tmp_path / "wrong"))

@@ -1,0 +1,124 @@
+"""Train steps: transplanted head frozen, sharded step equal to the 1-device step."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from dett_jax.methods import METHODS
+from dett_jax.models.projector import Projector
+from dett_jax.models.resnet import create_resnet
+from dett_jax.sharding import make_mesh, replicate, shard_batch
+from dett_jax.training.steps import Networks, create_state, jit_train_step, make_train_step
+from dett_jax.transplant import read_head, transplant_head
+
+LOSS_CONFIG = ml_collections.ConfigDict(dict(temperature=3.0, kd_ce_weight=0.0, match="map"))
+
+
+def setup(method_name, seed=0):
+  method = METHODS[method_name]
+  teacher = create_resnet(10, 2, width=0.125, stem="small")
+  x = jnp.zeros((1, 16, 16, 3))
+  t_vars = teacher.init(jax.random.key(seed), x)
+  head = read_head(t_vars["params"])
+  if method.objective == "feature":
+    student = create_resnet(10, None, width=0.0625, stem="small")
+    projector = Projector("simkd", 64)
+    s_vars = student.init(jax.random.key(seed + 1), x)
+    p_vars = projector.init(jax.random.key(seed + 2), jnp.zeros((1, 2, 2, 32)))
+    params = {"student": s_vars["params"], "projector": p_vars["params"]}
+    if method.trains_head:
+      params["head"] = jax.tree.map(jnp.zeros_like, head)
+    stats = {"student": s_vars["batch_stats"], "projector": p_vars["batch_stats"]}
+  else:
+    student, projector = create_resnet(10, 2, width=0.0625, stem="small"), None
+    s_vars = student.init(jax.random.key(seed + 1), x)
+    params, stats = {"student": s_vars["params"]}, {"student": s_vars["batch_stats"]}
+  networks = Networks(student=student, projector=projector, teacher=teacher)
+  frozen = {"teacher": t_vars, "teacher_head": head}
+  if method.transplant:
+    frozen["head"] = head
+  return method, networks, params, stats, frozen
+
+
+def batch(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.normal(size=(n, 16, 16, 3)).astype(np.float32),
+          "label": rng.integers(0, 2, n).astype(np.int32),
+          "group": rng.integers(0, 4, n).astype(np.int32),
+          "index": np.arange(n, dtype=np.int32),
+          "weight": rng.choice([1.0, 5.0], n).astype(np.float32),
+          "mask": np.ones(n, np.float32)}
+
+
+def paths(tree):
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_transplanted_head_is_frozen_and_not_in_optimizer_state():
+  method, networks, params, stats, frozen = setup("dett")
+  mesh = make_mesh(1)
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = replicate(create_state(params, stats, tx), mesh)
+  frozen = replicate(frozen, mesh)
+  head_before = jax.tree.map(np.array, frozen["head"])
+  step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, frozen)
+  losses = []
+  for k in range(3):
+    state, metrics = step(state, shard_batch(batch(seed=k), mesh), frozen)
+    losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and losses[0] != losses[-1]
+  for name in ("kernel", "bias"):
+    np.testing.assert_array_equal(np.asarray(frozen["head"][name]), head_before[name])
+  assert "head" not in state.params
+  assert not any("head" in p for p in paths(state.opt_state))
+  assert any("projector" in p for p in paths(state.opt_state))
+
+
+def test_head_trained_without_transplant():
+  method, networks, params, stats, frozen = setup("dett_no_transplant")
+  mesh = make_mesh(1)
+  tx = optax.sgd(0.5)
+  state = replicate(create_state(params, stats, tx), mesh)
+  step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, frozen)
+  state, metrics = step(state, shard_batch(batch(), mesh), replicate(frozen, mesh))
+  assert "ce_loss" in metrics and "feature_loss" in metrics
+  assert float(jnp.abs(state.params["head"]["kernel"]).sum()) > 0
+
+
+def test_transplant_head_copies_the_teacher_subtree():
+  teacher = {"head": {"kernel": jnp.ones((4, 2)), "bias": jnp.arange(2.0)}, "conv": jnp.ones(3)}
+  student = {"head": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)}, "conv": jnp.zeros(3)}
+  out = transplant_head(student, read_head(teacher))
+  np.testing.assert_array_equal(out["head"]["bias"], [0.0, 1.0])
+  np.testing.assert_array_equal(out["conv"], jnp.zeros(3))
+  with pytest.raises(ValueError, match="cannot transplant"):
+    transplant_head({"head": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}, teacher["head"])
+
+
+@pytest.mark.parametrize("method_name", ["dett", "kd_up", "jtt"])
+def test_sharded_step_matches_single_device(method_name):
+  assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (see conftest.py)"
+  method, networks, params, stats, frozen = setup(method_name)
+  lr = 0.1
+  tx = optax.sgd(lr)
+  results = {}
+  for devices in (1, 8):
+    mesh = make_mesh(devices)
+    state = replicate(create_state(*jax.tree.map(jnp.copy, (params, stats)), tx), mesh)
+    fz = replicate(frozen, mesh)
+    step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, fz)
+    new_state, metrics = step(state, shard_batch(batch(), mesh), fz)
+    grads = jax.tree.map(lambda new, old: (np.asarray(old) - np.asarray(new)) / lr,
+                         new_state.params, params)
+    results[devices] = (float(metrics["loss"]), grads, new_state.batch_stats)
+  (loss1, g1, bs1), (loss8, g8, bs8) = results[1], results[8]
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  flat1, flat8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
+  num = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(flat1, flat8)))
+  den = np.sqrt(sum(np.sum(a ** 2) for a in flat1))
+  assert den > 0 and num / den < 1e-4
+  for a, b in zip(jax.tree.leaves(bs1), jax.tree.leaves(bs8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
