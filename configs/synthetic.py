@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.stop_after_steps = 0  # >0: stop each stage after this many steps, as if preempted
 
   config.data = ml_collections.ConfigDict(dict(
-      name="synthetic", image_size=32, train_size=2000, val_size=800, test_size=1000,
+      name="synthetic", image_size=32, train_size=2000, val_size=1200, test_size=2000,
       class_shapes=(3, 2), noise=0.05, faint=0.15, seed=0))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, cpu_devices=0))
@@ -55,5 +55,5 @@ def get_config() -> ml_collections.ConfigDict:
       projector="simkd", projector_factor=2, match="map",  # or "pooled"
       temperature=3.0, kd_ce_weight=0.0,
       select="val_worst_group"))  # or "last"
-  config.distill.optim = optim(epochs=8, learning_rate=0.05)
+  config.distill.optim = optim(epochs=6, learning_rate=2e-3, optimizer="adamw", weight_decay=1e-4)
   return config

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import flax.linen as nn
 from absl import logging
 from jax.sharding import Mesh
 
@@ -67,12 +68,15 @@ def init_model(model: Any, image_size: int, seed: int) -> dict[str, Tree]:
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def with_new_head(variables: Tree, model: Any, image_size: int, seed: int) -> Tree:
-  """Pretrained variables with the head re-initialised for `model.num_classes` (or removed)."""
-  fresh = init_model(model, image_size, seed)
+def with_new_head(variables: Tree, num_classes: int | None, seed: int) -> Tree:
+  """Pretrained ResNet variables (with some head) with a freshly initialised Dense head
+  of `num_classes` outputs (as `nn.Dense` initialises it), or none when it is None."""
   params = {k: v for k, v in variables["params"].items() if k != "head"}
-  if "head" in fresh["params"]:
-    params["head"] = fresh["params"]["head"]
+  if num_classes:
+    width = variables["params"]["head"]["kernel"].shape[0]
+    params["head"] = {
+        "kernel": nn.initializers.lecun_normal()(jax.random.key(seed), (width, num_classes)),
+        "bias": jnp.zeros((num_classes,), jnp.float32)}
   return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
@@ -223,7 +227,7 @@ def teacher_erm(ctx: Context, pretrained: Tree | None) -> tuple[Tree, dict]:
   if pretrained is None:  # a checkpoint will fill it
     template = init_model(model, config.data.image_size, config.seed * 1000 + 3)
   else:
-    template = with_new_head(pretrained, model, config.data.image_size, config.seed * 1000 + 3)
+    template = with_new_head(pretrained, model.num_classes, config.seed * 1000 + 3)
   eval_step = teacher_eval_step(ctx, model)
 
   def body():
@@ -276,7 +280,7 @@ def identification(ctx: Context, pretrained_student: Tree) -> dict:
   config = ctx.config
   train = ctx.splits["train"]
   model = resnet(config.student, train.num_classes)
-  initial = with_new_head(pretrained_student, model, config.data.image_size, config.seed * 1000 + 4)
+  initial = with_new_head(pretrained_student, model.num_classes, config.seed * 1000 + 4)
 
   def body():
     variables, _ = train_model(ctx, "identification", erm_networks(model), ERM, wrap(initial), {},
@@ -318,7 +322,7 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
   if method.objective == "feature":
     model = resnet(config.student, None)
     projector = Projector(config.distill.projector, t_channels, config.distill.projector_factor)
-    backbone = with_new_head(pretrained_student, model, config.data.image_size, seed)
+    backbone = with_new_head(pretrained_student, None, seed)
     s_shape = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(
         (1, config.data.image_size, config.data.image_size, 3)))["feature_map"], backbone)
     p_vars = projector.init(jax.random.key(seed), jnp.zeros(s_shape.shape))
@@ -330,12 +334,13 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
                                                   "projector": p_vars.get("batch_stats", {})}}
   else:
     model, projector = resnet(config.student, train.num_classes), None
-    variables = wrap(with_new_head(pretrained_student, model, config.data.image_size, seed))
+    variables = wrap(with_new_head(pretrained_student, model.num_classes, seed))
   networks = Networks(student=model, projector=projector, teacher=teacher_model)
   frozen = {"teacher": teacher_vars, "teacher_head": teacher_head}
   if method.transplant:
     frozen["head"] = teacher_head
   eval_step = jax.jit(make_eval_step(networks, method, train.num_groups))
+  select_step = jax.jit(make_eval_step(networks, method, train.num_groups, diagnostics=False))
 
   def body():
     index_list, weights = None, None
@@ -346,7 +351,7 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
     select = "val/worst_group_acc" if config.distill.select == "val_worst_group" else None
     selected, summary = train_model(ctx, name, networks, method, variables, frozen, train,
                                     config.distill.optim, index_list=index_list, weights=weights,
-                                    select_metric=select, eval_step=eval_step,
+                                    select_metric=select, eval_step=select_step,
                                     seed_offset=seed % 1000)
     metrics = evaluate(ctx, eval_step, selected, frozen)
     return selected, {"metrics": metrics, "selection": summary["selection"],

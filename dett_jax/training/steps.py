@@ -132,19 +132,22 @@ def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransf
   return step
 
 
-def make_eval_step(networks: Networks, method: Method | None, num_groups: int) -> Callable:
+def make_eval_step(networks: Networks, method: Method | None, num_groups: int,
+                   diagnostics: bool = True) -> Callable:
   """Returns `eval_step(variables, batch, frozen) -> per-group sums`.
 
   With `method=None` the model evaluated is the teacher in `frozen` (variables
-  unused). For students, agreement with the teacher's predictions and, for
-  feature methods, the sums needed for the relative feature error are included:
-  `feat_sq_err [G]`, `teacher_sq [G]`, `teacher_sum [G, D]`.
+  unused). For students with `diagnostics`, agreement with the teacher's
+  predictions and, for feature methods, the sums needed for the relative feature
+  error are included: `feat_sq_err [G]`, `teacher_sq [G]`, `teacher_sum [G, D]`.
+  Without `diagnostics` (model selection) the teacher is not run for students.
   """
+  run_teacher = networks.teacher is not None and (method is None or diagnostics)
 
   def eval_step(variables: Tree, batch: Batch, frozen: Tree) -> dict[str, jnp.ndarray]:
     mask, groups = batch["mask"], batch["group"]
     sums = lambda v: group_sums(v, groups, mask, num_groups)
-    teacher = teacher_outputs(networks, frozen, batch["image"]) if networks.teacher else None
+    teacher = teacher_outputs(networks, frozen, batch["image"]) if run_teacher else None
     if method is None:
       logits = teacher["logits"]
     else:
