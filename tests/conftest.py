@@ -7,11 +7,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Many tests compile the same tiny programs (re-runs, resumes): reuse compilations.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "dett_jax_test_jit_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def load_config(name: str = "synthetic") -> ml_collections.ConfigDict:
@@ -27,7 +35,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.batch_size = 16
   config.eval_batch_size = 32
   config.log_every_steps = 2
-  config.checkpoint_every_steps = 2
+  config.checkpoint_every_steps = 0  # epoch ends only; the resume test sets it
+  config.distill.lambda_up = 3.0
   config.data.update(image_size=16, train_size=96, val_size=48, test_size=48)
   config.pretrain.size = 32
   for optim in (config.pretrain.teacher, config.pretrain.student, config.teacher.optim,

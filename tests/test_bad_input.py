@@ -39,12 +39,12 @@ def test_batch_not_divisible_by_data_axis(tmp_path):
 def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path):
   check_workdir_config(tiny_config(), str(tmp_path))
   stored = (tmp_path / "config.json").read_text()
-  with pytest.raises(ConfigError, match=r"different config \(distill.lambda_up \(20.0 -> 50.0\)"):
+  with pytest.raises(ConfigError, match=r"different config \(distill.lambda_up \(3.0 -> 50.0\)"):
     check_workdir_config(tiny_config(**{"distill.lambda_up": 50.0}), str(tmp_path))
   assert (tmp_path / "config.json").read_text() == stored
   # Fields that do not change results may differ.
   check_workdir_config(tiny_config(**{"distill.methods": "kd", "log_every_steps": 7}), str(tmp_path))
-  assert json.loads(stored)["distill"]["lambda_up"] == 20.0
+  assert json.loads(stored)["distill"]["lambda_up"] == 3.0
 
 
 def test_cli_rejects_bad_field_with_one_line(tmp_path):

@@ -14,9 +14,9 @@ def train():
 
 
 def test_split_group_proportions_follow_waterbirds():
-  split = make_split("train", 4795, 8, seed=1)
+  split = make_split("train", 4795, 16, seed=1)
   np.testing.assert_allclose(split.group_counts(), WATERBIRDS_TRAIN_GROUPS, atol=2)
-  val = make_split("val", 400, 8, seed=1).group_counts()
+  val = make_split("val", 400, 16, seed=1).group_counts()
   assert val[0] == pytest.approx(val[1], abs=1) and val[2] == pytest.approx(val[3], abs=1)
 
 

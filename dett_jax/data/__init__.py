@@ -13,6 +13,9 @@ def load_splits(data_config: Any) -> dict[str, Split]:
     raise ValueError(f"unknown data.name {data_config.name!r}; available: synthetic")
   sizes = {"train": data_config.train_size, "val": data_config.val_size,
            "test": data_config.test_size}
+  if data_config.image_size < 16:
+    raise ValueError(f"data.image_size={data_config.image_size} is too small for the built-in "
+                     "benchmark's shapes; use at least 16")
   for split, size in sizes.items():
     if size < 8:
       raise ValueError(f"data.{split}_size={size} is too small; use at least 8 examples")
