@@ -9,7 +9,6 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -36,7 +35,7 @@ from dett_jax.models.resnet import create_resnet, feature_channels
 from dett_jax.report import write_json_atomic, write_report
 from dett_jax.sharding import make_mesh, replicate, shard_batch
 from dett_jax.training.loop import FitSpec, MetricLogger, fit
-from dett_jax.training.steps import (Networks, TrainState, create_state, jit_train_step,
+from dett_jax.training.steps import (Networks, create_state, jit_train_step,
                                      make_eval_step, make_train_step)
 from dett_jax.validation import check_workdir_config, validate_config
 

@@ -30,20 +30,8 @@ def load_config(name: str = "synthetic") -> ml_collections.ConfigDict:
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  """The demo config shrunk to seconds: 16-pixel images, tiny nets, 1 epoch per stage."""
-  config = load_config()
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 0  # epoch ends only; the resume test sets it
-  config.distill.lambda_up = 3.0
-  config.data.update(image_size=16, train_size=96, val_size=48, test_size=48)
-  config.pretrain.size = 32
-  for optim in (config.pretrain.teacher, config.pretrain.student, config.teacher.optim,
-                config.identification, config.distill.optim):
-    optim.epochs = 1
-  config.teacher.update(depth=10, width=0.0625, dfr_num_refits=2, dfr_c_grid=(1.0, 0.1))
-  config.student.update(depth=10, width=0.0625)
+  """configs/tiny.py (the demo shrunk to seconds) with dotted-key overrides."""
+  config = load_config("tiny")
   for key, value in overrides.items():
     node = config
     *path, last = key.split(".")

@@ -10,7 +10,7 @@ is the `nn.Dense` submodule named `head`, so its parameters are the subtree
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
