@@ -1,6 +1,6 @@
 """Does splitting a CPU host into several XLA devices speed up a DeTT step?
 
-  python benchmarks/cpu_devices.py [--devices 1,2,4] [--steps 10]
+  python benchmarks/cpu_devices.py [--devices 1,2,4] [--steps 10] [--config configs/synthetic.py]
 
 For each device count (one subprocess each, since the count is fixed when jax
 starts) it times the demo's DeTT train step (ResNet-18 teacher -> ResNet-10
@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def measure(steps: int) -> dict:
+def measure(steps: int, config_path: str) -> dict:
   sys.path.insert(0, ROOT)
   import jax
   import jax.numpy as jnp
@@ -32,7 +32,7 @@ def measure(steps: int) -> dict:
   from dett_jax.training.steps import Networks, create_state, jit_train_step, make_train_step
   from dett_jax.experiment import make_optimizer
 
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", "synthetic.py"))
+  spec = importlib.util.spec_from_file_location("cfg", config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -80,18 +80,21 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--devices", default="1,2,4")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--config", default=os.path.join(ROOT, "configs", "synthetic.py"))
   parser.add_argument("--child", type=int, default=0)
   args = parser.parse_args()
   if args.child:
-    print(json.dumps(measure(args.steps)))
+    print(json.dumps(measure(args.steps, os.path.abspath(args.config))))
     return
   rows = []
   for n in [int(d) for d in args.devices.split(",")]:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-    out = subprocess.run([sys.executable, __file__, "--child", str(n), "--steps", str(args.steps)],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, "--child", str(n), "--steps", str(args.steps),
+                          "--config", args.config], env=env, capture_output=True, text=True)
+    if out.returncode:
+      raise SystemExit(f"measuring {n} devices failed:\n{out.stderr[-3000:]}")
     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-  print(f"DeTT train step, demo config, {os.cpu_count()} CPU cores\n")
+  print(f"DeTT train step, {os.path.basename(args.config)}, {os.cpu_count()} CPU cores\n")
   print("| XLA CPU devices | median step (s) | examples/s | compile (s) |")
   print("|---|---|---|---|")
   for r in rows:
