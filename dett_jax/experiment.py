@@ -315,7 +315,8 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
   """Trains and evaluates the student of `method`; returns its results entry."""
   config, train = ctx.config, ctx.splits["train"]
   name = f"student_{method.name}"
-  seed = config.seed * 1000 + 10 + list(METHODS).index(method.name)
+  seed_offset = 10 + list(METHODS).index(method.name)
+  seed = config.seed * 1000 + seed_offset
   teacher_model = resnet(config.teacher, train.num_classes)
   t_channels = feature_channels(config.teacher.depth, config.teacher.width)
   if method.objective == "feature":
@@ -351,7 +352,7 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
     selected, summary = train_model(ctx, name, networks, method, variables, frozen, train,
                                     config.distill.optim, index_list=index_list, weights=weights,
                                     select_metric=select, eval_step=select_step,
-                                    seed_offset=seed % 1000)
+                                    seed_offset=seed_offset)
     metrics = evaluate(ctx, eval_step, selected, frozen)
     return selected, {"metrics": metrics, "selection": summary["selection"],
                       "history": summary["history"]}
