@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set-up and the project's two commands, on a machine with only Python 3.11+:
+#   ./run.sh demo [WORKDIR]   the full pipeline on the built-in benchmark (default runs/demo)
+#   ./run.sh test             the test suite
+# Both first create .venv and install the package with its dependencies (once).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e ".[test]"
+  touch .venv/.installed
+fi
+case "${1:-}" in
+  demo) exec .venv/bin/python train.py --config=configs/synthetic.py --workdir="${2:-runs/demo}" ;;
+  test) exec .venv/bin/python -m pytest -q tests ;;
+  install) ;;
+  *) echo "usage: ./run.sh demo [WORKDIR] | test | install" >&2; exit 2 ;;
+esac
