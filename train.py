@@ -13,7 +13,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 flags.mark_flags_as_required(["config", "workdir"])
-EXIT_INTERRUPTED = 3  # a stage stopped early (config.stop_after_steps); re-run to resume
+EXIT_INTERRUPTED = 3  # stopped by SIGTERM/SIGINT or stop_after_steps, checkpointed; re-run to resume
 
 
 def main(argv):

@@ -103,8 +103,43 @@ def test_cli_stops_with_exit_code_3_and_resumes(tmp_path):
   stopped = subprocess.run(cmd + ["--config.stop_after_steps=3"], cwd=root, env=env,
                            capture_output=True, text=True, timeout=300)
   assert stopped.returncode == 3, stopped.stderr[-2000:]
-  assert "interrupted: stage teacher_erm stopped at step 3 of 6" in stopped.stderr
+  assert "interrupted: stage teacher_erm stopped at step 3 of 6 (stop_after_steps)" in stopped.stderr
   done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   with open(tmp_path / "results.json") as f:
     assert set(json.load(f)["models"]) == {"teacher_erm", "teacher_dfr", "student_dett"}
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_finishes(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+  cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+         "--config.distill.methods=", "--config.pretrain.enabled=False",
+         "--config.teacher.optim.epochs=200", "--config.log_every_steps=1"]
+  proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None and not (
+      metrics.exists() and metrics.read_text().count("teacher_erm") >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 3, stderr[-2000:]
+  line = [l for l in stderr.splitlines() if l.startswith("interrupted:")][0]
+  assert "(signal 15)" in line
+  stopped_at = int(line.split("stopped at step ")[1].split(" ")[0])
+  assert 3 <= stopped_at < 1200
+  steps = os.listdir(tmp_path / "teacher_erm" / "checkpoints")
+  assert str(stopped_at) in steps  # the exact step was checkpointed
+  resumed = subprocess.run(cmd + ["--config.stop_after_steps=2"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 3, resumed.stderr[-2000:]
+  assert f"stopped at step {stopped_at + 2} of 1200" in resumed.stderr
+  logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines()
+            if json.loads(l)["stage"] == "teacher_erm" and "loss" in json.loads(l)]
+  assert logged[-2:] == [stopped_at + 1, stopped_at + 2]  # resumed right after the stop

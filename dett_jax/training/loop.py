@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -118,49 +120,54 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
         meta=ocp.args.JsonSave(meta)), force=True)
 
   step = int(meta["step"])
+  saved_step = step if latest is not None else None
   stop_at = total_steps if spec.stop_after_steps is None else min(total_steps, step + spec.stop_after_steps)
   bar = tqdm.tqdm(total=total_steps, initial=step, desc=spec.name, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True, leave=False)
   pending: list[dict] = []
   epoch_data = None
   start = time.time()
-  while step < stop_at:
-    epoch, index = divmod(step, spec.steps_per_epoch)
-    if epoch_data is None or index == 0:
-      epoch_data = spec.make_epoch(epoch)
-    batch = shard_batch(epoch_data[index], mesh)
-    state, metrics = train_step(state, batch, frozen)
-    pending.append(metrics)
-    step += 1
-    bar.update(1)
-    if step % spec.log_every_steps == 0 or step == stop_at:
-      host = jax.device_get(pending)
-      mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      mean["steps_per_sec"] = len(host) / max(time.time() - start, 1e-9)
-      start, pending = time.time(), []
-      logger.write(spec.name, step, mean)
-      bar.set_postfix(loss=f"{mean['loss']:.4f}")
-    if step % spec.steps_per_epoch == 0:
-      epoch_done = step // spec.steps_per_epoch
-      record = {"epoch": epoch_done, "step": step}
-      if spec.evaluate is not None:
-        record.update(spec.evaluate(_variables(state)))
-        logger.write(spec.name, step, {k: v for k, v in record.items() if "/" in k})
-      meta["history"].append(record)
-      value = record.get(spec.select_metric) if spec.select_metric else None
-      if spec.select_metric is None or meta["best_value"] is None or (
-          value is not None and value > meta["best_value"]):
-        best, meta["best_epoch"], meta["best_value"] = _copy(_variables(state)), epoch_done, value
-      meta["step"] = step
-      save(step)
-    elif spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0:
+  with StopSignals() as signals:
+    while step < stop_at and signals.received is None:
+      epoch, index = divmod(step, spec.steps_per_epoch)
+      if epoch_data is None or index == 0:
+        epoch_data = spec.make_epoch(epoch)
+      batch = shard_batch(epoch_data[index], mesh)
+      state, metrics = train_step(state, batch, frozen)
+      pending.append(metrics)
+      step += 1
+      bar.update(1)
+      if step % spec.log_every_steps == 0 or step == stop_at:
+        host = jax.device_get(pending)
+        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        mean["steps_per_sec"] = len(host) / max(time.time() - start, 1e-9)
+        start, pending = time.time(), []
+        logger.write(spec.name, step, mean)
+        bar.set_postfix(loss=f"{mean['loss']:.4f}")
+      if step % spec.steps_per_epoch == 0:
+        epoch_done = step // spec.steps_per_epoch
+        record = {"epoch": epoch_done, "step": step}
+        if spec.evaluate is not None:
+          record.update(spec.evaluate(_variables(state)))
+          logger.write(spec.name, step, {k: v for k, v in record.items() if "/" in k})
+        meta["history"].append(record)
+        value = record.get(spec.select_metric) if spec.select_metric else None
+        if spec.select_metric is None or meta["best_value"] is None or (
+            value is not None and value > meta["best_value"]):
+          best, meta["best_epoch"], meta["best_value"] = _copy(_variables(state)), epoch_done, value
+      if step % spec.steps_per_epoch == 0 or (
+          spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0):
+        meta["step"] = saved_step = step
+        save(step)
+    if step < total_steps and saved_step != step:  # stopped early: keep this exact point
       meta["step"] = step
       save(step)
   bar.close()
   manager.wait_until_finished()
   manager.close()
   if step < total_steps:
-    raise Interrupted(f"stage {spec.name} stopped at step {step} of {total_steps}; "
+    cause = f"signal {signals.received}" if signals.received is not None else "stop_after_steps"
+    raise Interrupted(f"stage {spec.name} stopped at step {step} of {total_steps} ({cause}); "
                       "re-run the same command to resume")
   summary = {"history": meta["history"], "selection": {
       "metric": spec.select_metric or "last_epoch", "epoch": meta["best_epoch"],
@@ -169,4 +176,28 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
 
 
 class Interrupted(RuntimeError):
-  """Raised when a stage stops before its last step (`stop_after_steps`); re-running resumes it."""
+  """Raised when a stage stops before its last step (SIGTERM/SIGINT or `stop_after_steps`),
+  after checkpointing that step; re-running the same command resumes from it."""
+
+
+class StopSignals:
+  """While active, SIGTERM and SIGINT only set `received`: the loop finishes the
+  current step, checkpoints it and stops. Outside the main thread it does nothing."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
