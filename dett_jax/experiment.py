@@ -244,14 +244,19 @@ def teacher_erm(ctx: Context, pretrained: Tree | None) -> tuple[Tree, dict]:
   return run_stage(ctx, "teacher_erm", template, body)
 
 
-def embeddings(ctx: Context, model, variables: Tree, split: Split) -> np.ndarray:
-  """Pooled penultimate features `[n, d]` of `split` (no augmentation)."""
-  fn = jax.jit(lambda v, x: model.apply(v, x, train=False)["features"])
+def per_example(ctx: Context, fn: Any, variables: Tree, split: Split) -> np.ndarray:
+  """`fn(variables, images)` over every example of `split` (no augmentation), `[n, ...]`."""
+  fn = jax.jit(fn)
   chunks = []
   for batch in eval_batches(split, global_batch_size=ctx.config.eval_batch_size):
     images = shard_batch({"image": batch["image"]}, ctx.mesh)["image"]
     chunks.append((fn(variables, images), batch["mask"]))
-  return np.concatenate([np.asarray(f)[m > 0] for f, m in jax.device_get(chunks)])
+  return np.concatenate([np.asarray(out)[mask > 0] for out, mask in jax.device_get(chunks)])
+
+
+def embeddings(ctx: Context, model, variables: Tree, split: Split) -> np.ndarray:
+  """Pooled penultimate features `[n, d]` of `split`."""
+  return per_example(ctx, lambda v, x: model.apply(v, x, train=False)["features"], variables, split)
 
 
 def teacher_dfr(ctx: Context, erm_variables: Tree) -> tuple[Tree, dict]:
@@ -284,12 +289,8 @@ def identification(ctx: Context, pretrained_student: Tree) -> dict:
   def body():
     variables, _ = train_model(ctx, "identification", erm_networks(model), ERM, wrap(initial), {},
                                train, config.identification, seed_offset=4)
-    fn = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)["logits"], -1))
-    preds = []
-    for batch in eval_batches(train, global_batch_size=config.eval_batch_size):
-      preds.append((fn(unwrap(variables), shard_batch({"image": batch["image"]}, ctx.mesh)["image"]),
-                    batch["mask"]))
-    pred = np.concatenate([np.asarray(p)[m > 0] for p, m in jax.device_get(preds)])
+    pred = per_example(ctx, lambda v, x: jnp.argmax(model.apply(v, x, train=False)["logits"], -1),
+                       unwrap(variables), train)
     error_set = np.flatnonzero(pred != train.labels)
     record = {
         "error_set": error_set.tolist(),
