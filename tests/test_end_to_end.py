@@ -143,3 +143,19 @@ def test_sigterm_checkpoints_the_current_step_and_resume_finishes(tmp_path):
   logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines()
             if json.loads(l)["stage"] == "teacher_erm" and "loss" in json.loads(l)]
   assert logged[-2:] == [stopped_at + 1, stopped_at + 2]  # resumed right after the stop
+
+
+def test_loss_weights_linear_projector_and_pooled_matching(full_run, tmp_path):
+  workdir, results = full_run
+  checkpoint = os.path.join(workdir, "teacher_erm", "final")
+  config = tiny_config(**{"distill.methods": "dett,dett_no_transplant,jtt",
+                          "distill.reweight": "loss_weight", "distill.lambda_up": 2.5,
+                          "distill.projector": "linear", "distill.match": "pooled",
+                          "teacher.checkpoint": checkpoint, "pretrain.enabled": False})
+  out = train_and_evaluate(config, str(tmp_path))
+  for name in ("student_dett", "student_dett_no_transplant", "student_jtt"):
+    assert 0.0 <= out["models"][name]["metrics"]["test/worst_group_acc"] <= 1.0
+  # Loss weights keep one pass over the data per epoch (96 // 16 steps), unlike upsampling.
+  steps = [json.loads(l)["step"] for l in open(os.path.join(str(tmp_path), "metrics.jsonl"))
+           if json.loads(l)["stage"] == "student_dett"]
+  assert max(steps) == 6
