@@ -18,6 +18,17 @@ import jax.numpy as jnp
 ModuleDef = Any
 
 
+def _residual_add(block: nn.Module, residual: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+  """relu(shortcut(residual) + y); the shortcut is a strided 1x1 conv + BN when shapes differ.
+
+  Called inside a block's compact `__call__`, so `conv_proj`/`norm_proj` belong to it.
+  """
+  if residual.shape != y.shape:
+    residual = block.conv(y.shape[-1], (1, 1), block.strides, name="conv_proj")(residual)
+    residual = block.norm(name="norm_proj")(residual)
+  return nn.relu(residual + y)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with a residual connection (ResNet-10/18/34)."""
 
@@ -33,10 +44,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3))(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
-      residual = self.norm(name="norm_proj")(residual)
-    return nn.relu(residual + y)
+    return _residual_add(self, residual, y)
 
 
 class BottleneckBlock(nn.Module):
@@ -54,10 +62,7 @@ class BottleneckBlock(nn.Module):
     y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
-      residual = self.norm(name="norm_proj")(residual)
-    return nn.relu(residual + y)
+    return _residual_add(self, residual, y)
 
 
 class ResNet(nn.Module):
