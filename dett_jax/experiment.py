@@ -383,6 +383,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                mesh.devices.size, ctx.train_counts.tolist())
   methods = [get_method(m) for m in parse_methods(config.distill.methods)]
 
+  try:
+    models = run_stages(ctx, methods)
+  finally:  # flush TensorBoard events also when a stage is interrupted
+    ctx.logger.close()
+  results = {"config": config.to_dict(), "models": models}
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    write_report(results, workdir)
+  return results
+
+
+def run_stages(ctx: Context, methods: list[Method]) -> dict[str, dict]:
+  """Teachers, identification and students in order; returns the `models` of results.json."""
+  config = ctx.config
   teacher_pre = None if config.teacher.checkpoint else pretrain(ctx, "teacher")
   erm_vars, erm_record = teacher_erm(ctx, teacher_pre)
   models = {"teacher_erm": {"role": "teacher", "method": "erm", "metrics": erm_record["metrics"]}}
@@ -400,12 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for method in methods:
     models[f"student_{method.name}"] = student(ctx, method, student_pre, erm_vars, distill_head,
                                                error_set)
-  ctx.logger.close()
-  results = {"config": config.to_dict(), "models": models}
-  if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
-    write_report(results, workdir)
-  return results
+  return models
 
 
 def parse_methods(methods: str) -> list[str]:
