@@ -16,6 +16,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 ModuleDef = Any
+# Symmetric padding of 1 for 3x3 windows, as torchvision pads (not "SAME", which pads
+# strided windows asymmetrically), so imported PyTorch weights compute the same function.
+PAD3 = ((1, 1), (1, 1))
 
 
 def _residual_add(block: nn.Module, residual: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
@@ -40,9 +43,9 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     residual = x
-    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = self.conv(self.filters, (3, 3), self.strides, padding=PAD3)(x)
     y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters, (3, 3))(y)
+    y = self.conv(self.filters, (3, 3), padding=PAD3)(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
     return _residual_add(self, residual, y)
 
@@ -59,7 +62,7 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     residual = x
     y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
-    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides, padding=PAD3)(y)))
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
     return _residual_add(self, residual, y)
@@ -101,9 +104,9 @@ class ResNet(nn.Module):
     if self.stem == "imagenet":
       x = conv(base, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD3)
     else:
-      x = conv(base, (3, 3), name="conv_init")(x)
+      x = conv(base, (3, 3), padding=PAD3, name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
     for i, block_count in enumerate(self.stage_sizes):
       for j in range(block_count):
