@@ -30,7 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict(dict(
       name="synthetic", image_size=32, train_size=2000, val_size=1200, test_size=2000,
-      class_shapes=(3, 2), noise=0.05, faint=0.15, seed=0))
+      class_shapes=(3, 2), noise=0.05, faint=0.15, seed=0,
+      # Preprocessing (dett_jax/data/images.py): edge-pad 4, random crop, flip.
+      train_transform="pad_crop", pad=4, eval_resize=0,
+      mean=(127.5, 127.5, 127.5), std=(64.0, 64.0, 64.0),
+      workers=0))  # grain worker processes for decoding/augmentation (0: in-process)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, cpu_devices=0))
 

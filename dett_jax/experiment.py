@@ -24,10 +24,10 @@ from jax.sharding import Mesh
 
 from dett_jax import dfr
 from dett_jax.checkpoints import load_variables, mark_done, save_variables, stage_done
-from dett_jax.data import load_splits
-from dett_jax.data.pipeline import (eval_batches, example_weights, train_epoch,
+from dett_jax.data import Preprocess, Split, load_splits
+from dett_jax.data.pipeline import (eval_batches, example_weights, train_batches,
                                     upsampled_indices)
-from dett_jax.data.synthetic import SHAPES, Split, make_pretraining_set
+from dett_jax.data.synthetic import SHAPES, make_pretraining_set
 from dett_jax.evaluation import accumulate, split_metrics
 from dett_jax.methods import METHODS, Method, get_method
 from dett_jax.models.projector import Projector
@@ -88,6 +88,11 @@ class Context:
   splits: dict[str, Split]
   mesh: Mesh
   logger: MetricLogger
+  preprocess: Preprocess
+
+  @property
+  def workers(self) -> int:
+    return self.config.data.get("workers", 0)
 
   @property
   def train_counts(self) -> np.ndarray:
@@ -104,7 +109,7 @@ def evaluate(ctx: Context, eval_step: Any, variables: Tree, frozen: Tree, splits
   metrics = {}
   for split in splits:
     sums = accumulate(eval_step, variables, frozen, ctx.splits[split], ctx.mesh,
-                      ctx.config.eval_batch_size)
+                      ctx.config.eval_batch_size, ctx.preprocess, ctx.workers)
     metrics.update(split_metrics(sums, ctx.train_counts, split, ctx.splits[split].num_attrs))
   return metrics
 
@@ -129,18 +134,18 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
                            state, frozen)
   seed = config.seed * 1000 + seed_offset
 
-  def make_epoch(epoch: int):
-    return train_epoch(split, index_list, global_batch_size=config.batch_size, epoch=epoch,
-                       seed=seed, augment_images=config.augment, weights=weights,
+  data = train_batches(split, index_list, num_epochs=optim.epochs,
+                       global_batch_size=config.batch_size, seed=seed,
+                       preprocess=ctx.preprocess, augment_images=config.augment, weights=weights,
                        process_index=jax.process_index(), process_count=jax.process_count())
 
   evaluate_fn = None
   if select_metric is not None:
     evaluate_fn = lambda v: evaluate(ctx, eval_step, v, frozen, splits=("val",))
   spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=optim.epochs,
-                 steps_per_epoch=steps_per_epoch, make_epoch=make_epoch, evaluate=evaluate_fn,
+                 steps_per_epoch=steps_per_epoch, data=data, evaluate=evaluate_fn,
                  select_metric=select_metric, log_every_steps=config.log_every_steps,
-                 checkpoint_every_steps=config.checkpoint_every_steps,
+                 checkpoint_every_steps=config.checkpoint_every_steps, workers=ctx.workers,
                  stop_after_steps=config.get("stop_after_steps") or None)
   return fit(spec, state, step_fn, frozen, ctx.mesh, ctx.logger)
 
@@ -248,7 +253,8 @@ def per_example(ctx: Context, fn: Any, variables: Tree, split: Split) -> np.ndar
   """`fn(variables, images)` over every example of `split` (no augmentation), `[n, ...]`."""
   fn = jax.jit(fn)
   chunks = []
-  for batch in eval_batches(split, global_batch_size=ctx.config.eval_batch_size):
+  for batch in eval_batches(split, global_batch_size=ctx.config.eval_batch_size,
+                            preprocess=ctx.preprocess, workers=ctx.workers):
     images = shard_batch({"image": batch["image"]}, ctx.mesh)["image"]
     chunks.append((fn(variables, images), batch["mask"]))
   return np.concatenate([np.asarray(out)[mask > 0] for out, mask in jax.device_get(chunks)])
@@ -378,7 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.batch_size % mesh.devices.size:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} "
                      f"devices of the mesh's data axis; use a multiple of {mesh.devices.size}")
-  ctx = Context(config, workdir, load_splits(config.data), mesh, MetricLogger(workdir))
+  ctx = Context(config, workdir, load_splits(config.data), mesh, MetricLogger(workdir),
+                Preprocess.from_config(config.data))
   logging.info("mesh %s over %d devices; train group counts %s", dict(mesh.shape),
                mesh.devices.size, ctx.train_counts.tolist())
   methods = [get_method(m) for m in parse_methods(config.distill.methods)]

@@ -16,43 +16,14 @@ Everything is generated in memory from a seed; nothing is downloaded.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
+
+from dett_jax.data.split import Split
 
 # Waterbirds training group sizes, indexed by g = 2*y + a.
 WATERBIRDS_TRAIN_GROUPS = (3498, 184, 56, 1057)
 SHAPES = ("ring", "plus", "square", "disk", "cross", "triangle", "bars", "diamond")
 BACKGROUNDS = ("land", "water", "sand", "night")
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """One split held in memory.
-
-  images: uint8 `[n, h, w, 3]`; labels, attrs, groups: int32 `[n]` with
-  groups = labels * num_attrs + attrs.
-  """
-
-  images: np.ndarray
-  labels: np.ndarray
-  attrs: np.ndarray
-  num_classes: int = 2
-  num_attrs: int = 2
-
-  @property
-  def groups(self) -> np.ndarray:
-    return (self.labels * self.num_attrs + self.attrs).astype(np.int32)
-
-  @property
-  def num_groups(self) -> int:
-    return self.num_classes * self.num_attrs
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def group_counts(self) -> np.ndarray:
-    return np.bincount(self.groups, minlength=self.num_groups)
 
 
 def _shape_masks(shape_ids: np.ndarray, size: int, rng: np.random.Generator,

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
+from dett_jax.data.pipeline import iterate
 from dett_jax.sharding import shard_batch
 from dett_jax.training.steps import TrainState
 
@@ -59,7 +60,9 @@ class MetricLogger:
 class FitSpec:
   """What one training stage runs.
 
-  make_epoch: epoch -> grain.MapDataset of this process's batches.
+  data: every batch of the stage (this process's part), `num_epochs * steps_per_epoch`
+    of them, as a random-access `grain.MapDataset` (see `data.pipeline.train_batches`).
+  workers: worker processes that load batches ahead (0: load in this process).
   evaluate: variables -> validation metrics (None: no evaluation during training).
   select_metric: metric maximised for model selection; None keeps the last epoch.
   """
@@ -68,11 +71,12 @@ class FitSpec:
   stage_dir: str
   num_epochs: int
   steps_per_epoch: int
-  make_epoch: Callable[[int], grain.MapDataset]
+  data: grain.MapDataset
   evaluate: Callable[[Any], dict[str, float]] | None = None
   select_metric: str | None = None
   log_every_steps: int = 20
   checkpoint_every_steps: int = 0
+  workers: int = 0
   stop_after_steps: int | None = None  # stop (as if preempted) after this many steps; None: run on
 
 
@@ -125,43 +129,43 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
   bar = tqdm.tqdm(total=total_steps, initial=step, desc=spec.name, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True, leave=False)
   pending: list[dict] = []
-  epoch_data = None
+  batches = iterate(spec.data, start=step, workers=spec.workers)
   start = time.time()
-  with StopSignals() as signals:
-    while step < stop_at and signals.received is None:
-      epoch, index = divmod(step, spec.steps_per_epoch)
-      if epoch_data is None or index == 0:
-        epoch_data = spec.make_epoch(epoch)
-      batch = shard_batch(epoch_data[index], mesh)
-      state, metrics = train_step(state, batch, frozen)
-      pending.append(metrics)
-      step += 1
-      bar.update(1)
-      if step % spec.log_every_steps == 0 or step == stop_at:
-        host = jax.device_get(pending)
-        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        mean["steps_per_sec"] = len(host) / max(time.time() - start, 1e-9)
-        start, pending = time.time(), []
-        logger.write(spec.name, step, mean)
-        bar.set_postfix(loss=f"{mean['loss']:.4f}")
-      if step % spec.steps_per_epoch == 0:
-        epoch_done = step // spec.steps_per_epoch
-        record = {"epoch": epoch_done, "step": step}
-        if spec.evaluate is not None:
-          record.update(spec.evaluate(_variables(state)))
-          logger.write(spec.name, step, {k: v for k, v in record.items() if "/" in k})
-        meta["history"].append(record)
-        value = record.get(spec.select_metric) if spec.select_metric else None
-        if spec.select_metric is None or meta["best_value"] is None or (
-            value is not None and value > meta["best_value"]):
-          best, meta["best_epoch"], meta["best_value"] = _copy(_variables(state)), epoch_done, value
-      if step % spec.steps_per_epoch == 0 or (
-          spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0):
-        meta["step"] = saved_step = step
+  try:
+    with StopSignals() as signals:
+      while step < stop_at and signals.received is None:
+        batch = shard_batch(next(batches), mesh)
+        state, metrics = train_step(state, batch, frozen)
+        pending.append(metrics)
+        step += 1
+        bar.update(1)
+        if step % spec.log_every_steps == 0 or step == stop_at:
+          host = jax.device_get(pending)
+          mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+          mean["steps_per_sec"] = len(host) / max(time.time() - start, 1e-9)
+          start, pending = time.time(), []
+          logger.write(spec.name, step, mean)
+          bar.set_postfix(loss=f"{mean['loss']:.4f}")
+        if step % spec.steps_per_epoch == 0:
+          epoch_done = step // spec.steps_per_epoch
+          record = {"epoch": epoch_done, "step": step}
+          if spec.evaluate is not None:
+            record.update(spec.evaluate(_variables(state)))
+            logger.write(spec.name, step, {k: v for k, v in record.items() if "/" in k})
+          meta["history"].append(record)
+          value = record.get(spec.select_metric) if spec.select_metric else None
+          if spec.select_metric is None or meta["best_value"] is None or (
+              value is not None and value > meta["best_value"]):
+            best, meta["best_epoch"], meta["best_value"] = _copy(_variables(state)), epoch_done, value
+        if step % spec.steps_per_epoch == 0 or (
+            spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0):
+          meta["step"] = saved_step = step
+          save(step)
+      if step < total_steps and saved_step != step:  # stopped early: keep this exact point
+        meta["step"] = step
         save(step)
-    if step < total_steps and saved_step != step:  # stopped early: keep this exact point
-      meta["step"] = step
-      save(step)
+  finally:  # stop the worker processes also on an error
+    batches.close()
   bar.close()
   manager.wait_until_finished()
   manager.close()

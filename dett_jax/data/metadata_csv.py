@@ -1,0 +1,123 @@
+"""The "metadata.csv folder": Waterbirds' on-disk layout, and a way to bring any data set.
+
+A folder holds `metadata.csv` and image files. Columns (others are ignored):
+
+  img_filename  image path relative to the folder (any size; JPEG, PNG, ...)
+  y             class label, 0..num_classes-1
+  split         0 = train, 1 = val, 2 = test
+  place         binary spurious attribute, 0 or 1 (another column via `attr_column`)
+
+Waterbirds ships exactly this (`img_id, img_filename, y, split, place,
+place_filename`; y 1 = waterbird, place 1 = water); groups are g = 2*y + place.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+from PIL import Image
+
+from dett_jax.data.images import FileImages
+from dett_jax.data.split import DataError, Split, check_splits
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+def read_metadata(path: str, attr_column: str = "place") -> dict[str, np.ndarray]:
+  """Parses a metadata.csv into arrays `filename`, `y`, `split`, `attr` (one row each)."""
+  if not os.path.isfile(path):
+    raise DataError(f"{path} does not exist; data.root must be a folder holding metadata.csv "
+                    "(columns img_filename, y, split, and the attribute column)")
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    required = ["img_filename", "y", "split", attr_column]
+    missing = [c for c in required if c not in columns]
+    if missing:
+      raise DataError(f"{path} lacks the column(s) {', '.join(missing)} (it has: "
+                      f"{', '.join(columns) or 'no header'}); a metadata.csv needs "
+                      f"{', '.join(required)}")
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            for row in reader]
+  if not rows:
+    raise DataError(f"{path} has a header but no rows")
+  out = {"filename": np.array([r["img_filename"] for r in rows], dtype=object)}
+  for key, column in (("y", "y"), ("split", "split"), ("attr", attr_column)):
+    values = np.empty(len(rows), np.int64)
+    for i, row in enumerate(rows):
+      try:
+        number = float(row[column])
+        if not number.is_integer():
+          raise ValueError
+        values[i] = int(number)
+      except ValueError:
+        raise DataError(f"{path} line {i + 2}: column {column} holds {row[column]!r}, "
+                        "not an integer") from None
+    out[key] = values
+  bad = np.flatnonzero(~np.isin(out["split"], list(SPLIT_CODES.values())))
+  if len(bad):
+    raise DataError(f"{path} line {bad[0] + 2}: split {out['split'][bad[0]]} is not 0 (train), "
+                    "1 (val) or 2 (test)")
+  bad = np.flatnonzero(~np.isin(out["attr"], (0, 1)))
+  if len(bad):
+    raise DataError(f"{path} line {bad[0] + 2}: the attribute column {attr_column} holds "
+                    f"{out['attr'][bad[0]]}; it must be binary, 0 or 1")
+  return out
+
+
+def resolve_image_paths(root: str, filenames: np.ndarray, check_headers: bool = True) -> list[str]:
+  """Checks every file is inside `root` (symlinks resolved), exists and is an image."""
+  real_root = os.path.realpath(root)
+  missing = []
+  for name in filenames:
+    path = os.path.realpath(os.path.join(real_root, name))
+    if os.path.commonpath([path, real_root]) != real_root:
+      raise DataError(f"img_filename {name!r} points outside the data folder {real_root} "
+                      f"(to {path}); image paths must stay inside data.root")
+    if not os.path.isfile(path):
+      missing.append(name)
+    elif check_headers:
+      try:
+        with Image.open(path):
+          pass
+      except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"image file {path} is not a readable image ({e}); replace or remove "
+                        "it (and its metadata.csv row)") from None
+  if missing:
+    raise DataError(f"{len(missing)} image file(s) listed in metadata.csv are missing under "
+                    f"{real_root}, e.g. {', '.join(map(str, missing[:3]))}")
+  return list(filenames)
+
+
+def load_metadata_folder(root: str, *, attr_column: str = "place", num_classes: int = 0,
+                         check_images: bool = True) -> dict[str, Split]:
+  """Loads the train/val/test `Split`s of a metadata.csv folder (see the module docstring).
+
+  num_classes: 0 infers it as the largest label + 1 (at least 2).
+  check_images: open every image's header now, so a broken file fails before training.
+  """
+  if not root:
+    raise DataError("data.root is empty; give the data folder: --config.data.root=DIR")
+  if not os.path.isdir(root):
+    raise DataError(f"data.root={root!r} is not a folder")
+  meta = read_metadata(os.path.join(root, "metadata.csv"), attr_column)
+  if num_classes and meta["y"].max() >= num_classes:
+    bad = int(np.argmax(meta["y"] >= num_classes))
+    raise DataError(f"{os.path.join(root, 'metadata.csv')} line {bad + 2}: label y="
+                    f"{meta['y'][bad]} is outside the class range 0..{num_classes - 1} "
+                    "(data.num_classes); fix the label or raise data.num_classes")
+  if meta["y"].min() < 0:
+    bad = int(np.argmin(meta["y"]))
+    raise DataError(f"{os.path.join(root, 'metadata.csv')} line {bad + 2}: label y="
+                    f"{meta['y'][bad]} is negative; labels are 0..num_classes-1")
+  num_classes = num_classes or max(2, int(meta["y"].max()) + 1)
+  paths = resolve_image_paths(root, meta["filename"], check_images)
+  splits = {}
+  for name, code in SPLIT_CODES.items():
+    rows = np.flatnonzero(meta["split"] == code)
+    splits[name] = Split(FileImages(os.path.realpath(root), [paths[i] for i in rows]),
+                         meta["y"][rows].astype(np.int32), meta["attr"][rows].astype(np.int32),
+                         num_classes=num_classes, num_attrs=2)
+  return check_splits(splits, os.path.join(root, "metadata.csv"))
