@@ -15,7 +15,8 @@ def optim(epochs: int, learning_rate: float, weight_decay: float = 5e-4,
           optimizer: str = "sgd") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       optimizer=optimizer, epochs=epochs, learning_rate=learning_rate, momentum=0.9,
-      weight_decay=weight_decay, warmup_epochs=0.0))
+      weight_decay=weight_decay, warmup_epochs=0.0,
+      batch_size=0))  # 0: the global batch_size
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -43,11 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrain.student = optim(epochs=5, learning_rate=3e-3, optimizer="adamw", weight_decay=1e-4)
 
   config.teacher = ml_collections.ConfigDict(dict(
-      depth=18, width=0.125, stem="small", checkpoint="", dfr=True,
+      depth=18, width=0.125, stem="small", dfr=True,
+      init="",  # ResNet checkpoint to start from (e.g. imported ImageNet weights)
+      checkpoint="",  # a finished teacher: skip training it
       dfr_c_grid=(1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01), dfr_num_refits=10))
   config.teacher.optim = optim(epochs=4, learning_rate=0.03)
 
-  config.student = ml_collections.ConfigDict(dict(depth=10, width=0.125, stem="small"))
+  config.student = ml_collections.ConfigDict(dict(depth=10, width=0.125, stem="small", init=""))
 
   # Identification model: student architecture, ERM for T_id epochs.
   config.identification = optim(epochs=2, learning_rate=0.03)

@@ -49,3 +49,38 @@ def mark_done(stage_dir: str, record: dict) -> None:
   """Marks a stage finished (written last, atomically, after its outputs)."""
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(stage_dir, "done.json"), record)
+
+
+def load_backbone(path: str, template: Any) -> Any:
+  """`template` (ResNet variables) with every leaf but the head taken from the checkpoint at
+  `path`, e.g. ImageNet weights imported by `python -m dett_jax.import_torch`.
+
+  The stored head (of any class count) is ignored. Raises ValueError listing the
+  parameters whose names or shapes differ from the template's.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint at {path}")
+  stored = ocp.StandardCheckpointer().restore(path)
+  want = _backbone_leaves(template)
+  have = _backbone_leaves(stored)
+  problems = [f"{k} missing" for k in want if k not in have]
+  problems += [f"{k} has shape {tuple(have[k].shape)}, the model needs {tuple(want[k].shape)}"
+               for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
+  problems += [f"{k} is not in the model" for k in have if k not in want]
+  if problems:
+    raise ValueError(f"checkpoint {path} does not fit the configured backbone ({len(problems)} "
+                     f"problem(s): {'; '.join(problems[:5])}); check depth, width and stem")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, leaf: leaf if _name(p) not in have else jax.numpy.asarray(have[_name(p)], leaf.dtype),
+      template)
+
+
+def _name(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _backbone_leaves(tree: Any) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(
+      {c: tree.get(c, {}) for c in ("params", "batch_stats")})[0]
+  return {_name(p): leaf for p, leaf in leaves if not _name(p).startswith("params/head/")}

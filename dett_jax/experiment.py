@@ -23,7 +23,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dett_jax import dfr
-from dett_jax.checkpoints import load_variables, mark_done, save_variables, stage_done
+from dett_jax.checkpoints import (load_backbone, load_variables, mark_done, save_variables,
+                                  stage_done)
 from dett_jax.data import Preprocess, Split, load_splits
 from dett_jax.data.pipeline import (eval_batches, example_weights, train_batches,
                                     upsampled_indices)
@@ -121,10 +122,11 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   """Trains `variables` on `split` with `method`; returns (selected variables, summary)."""
   config = ctx.config
   index_list = np.arange(len(split)) if index_list is None else index_list
-  steps_per_epoch = len(index_list) // config.batch_size
+  batch_size = optim.get("batch_size") or config.batch_size
+  steps_per_epoch = len(index_list) // batch_size
   if steps_per_epoch < 1:
     raise ValueError(f"{name}: {len(index_list)} training examples give no full batch of "
-                     f"{config.batch_size}; lower batch_size")
+                     f"{batch_size}; lower the batch size")
   tx = make_optimizer(optim, steps_per_epoch)
   # Copy: the step donates its state, and `variables` may share buffers with the caller's.
   variables = jax.tree.map(jnp.copy, variables)
@@ -135,8 +137,8 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   seed = config.seed * 1000 + seed_offset
 
   data = train_batches(split, index_list, num_epochs=optim.epochs,
-                       global_batch_size=config.batch_size, seed=seed,
-                       preprocess=ctx.preprocess, augment_images=config.augment, weights=weights,
+                       global_batch_size=batch_size, seed=seed, preprocess=ctx.preprocess,
+                       augment_images=optim.get("augment", config.augment), weights=weights,
                        process_index=jax.process_index(), process_count=jax.process_count())
 
   evaluate_fn = None
@@ -200,7 +202,12 @@ def pretrain(ctx: Context, role: str) -> Tree:
   model = resnet(arch, len(SHAPES))
   seed_offset = 1 if role == "teacher" else 2
   initial = init_model(model, config.data.image_size, config.seed * 1000 + seed_offset)
+  if arch.get("init"):
+    logging.info("%s: backbone from %s", role, arch.init)
+    return load_backbone(arch.init, initial)
   if not config.pretrain.enabled:
+    logging.warning("%s: no pretraining and no %s.init checkpoint; starting from random "
+                    "weights (the reference setting starts from ImageNet weights)", role, role)
     return initial
 
   def body():
@@ -381,9 +388,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir)
   mesh = make_mesh(config.mesh.data)
-  if config.batch_size % mesh.devices.size:
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} "
-                     f"devices of the mesh's data axis; use a multiple of {mesh.devices.size}")
+  for field, size in batch_sizes(config).items():
+    if size % mesh.devices.size:
+      raise ValueError(f"{field}={size} is not divisible by the {mesh.devices.size} devices of "
+                       f"the mesh's data axis; use a multiple of {mesh.devices.size}")
   ctx = Context(config, workdir, load_splits(config.data), mesh, MetricLogger(workdir),
                 Preprocess.from_config(config.data))
   logging.info("mesh %s over %d devices; train group counts %s", dict(mesh.shape),
@@ -399,6 +407,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     write_report(results, workdir)
   return results
+
+
+def batch_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Every global batch size the run uses, by config field."""
+  sizes = {"batch_size": config.batch_size}
+  for name, optim in optimizers(config).items():
+    if optim.get("batch_size"):
+      sizes[f"{name}.batch_size"] = optim.batch_size
+  return sizes
+
+
+def optimizers(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The optimizer config of every training stage, by config field."""
+  return {"pretrain.teacher": config.pretrain.teacher, "pretrain.student": config.pretrain.student,
+          "teacher.optim": config.teacher.optim, "identification": config.identification,
+          "distill.optim": config.distill.optim}
 
 
 def run_stages(ctx: Context, methods: list[Method]) -> dict[str, dict]:

@@ -8,6 +8,8 @@ from typing import Any
 
 import ml_collections
 
+from dett_jax.data import LOADERS
+from dett_jax.data.images import TRAIN_TRANSFORMS
 from dett_jax.methods import METHODS
 from dett_jax.models.projector import PROJECTORS
 from dett_jax.models.resnet import STAGES, feature_channels
@@ -16,7 +18,7 @@ from dett_jax.report import write_json_atomic
 # Fields that change how a run is watched, not what it computes: a workdir may be
 # re-run with other values of these (and with more or fewer student methods).
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "stop_after_steps",
-                     "distill.methods", "eval_batch_size")
+                     "distill.methods", "eval_batch_size", "data.workers", "data.check_images")
 
 
 class ConfigError(ValueError):
@@ -72,13 +74,53 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     optim = config
     for part in name.split("."):
       optim = optim[part]
+    _check(optim.get("batch_size", 0) >= 0, f"{name}.batch_size must be >= 0 (0: batch_size)")
     _check(optim.optimizer in ("sgd", "adamw"), f"{name}.optimizer={optim.optimizer!r}; choose sgd or adamw")
     _check(optim.epochs >= 1, f"{name}.epochs={optim.epochs} must be >= 1")
     _check(optim.learning_rate > 0, f"{name}.learning_rate must be > 0")
+  validate_data_config(config)
+  for role in ("teacher", "student"):
+    init = config[role].get("init")
+    if init:
+      _check(os.path.isdir(init), f"{role}.init={init!r} is not a checkpoint directory; give an "
+             "Orbax checkpoint of ResNet variables (python -m dett_jax.import_torch makes one "
+             "from torchvision weights)")
   if config.teacher.checkpoint:
     _check(os.path.isdir(config.teacher.checkpoint),
            f"teacher.checkpoint={config.teacher.checkpoint!r} is not a checkpoint directory; "
            "give the path of an Orbax checkpoint of teacher variables")
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.data` (loader, preprocessing, workers) and its fit with pretraining."""
+  data = config.data
+  _check(data.name in LOADERS, f"data.name={data.name!r}; choose from {', '.join(LOADERS)}")
+  _check(data.name == "synthetic" or not config.pretrain.enabled,
+         f"pretrain.enabled=True trains on the built-in synthetic pretraining task, which only "
+         f"goes with data.name=synthetic; for data.name={data.name} set pretrain.enabled=False "
+         "and give ImageNet weights as teacher.init/student.init (see README, 'Teachers and "
+         "weights from PyTorch')")
+  if data.name != "synthetic":
+    _check(bool(data.get("root")) or data.get("source") == "tfds",
+           "data.root is empty; give the data folder: --config.data.root=DIR")
+  _check(data.image_size >= 8, f"data.image_size={data.image_size} must be >= 8")
+  _check(data.get("train_transform", "pad_crop") in TRAIN_TRANSFORMS,
+         f"data.train_transform={data.get('train_transform')!r}; choose from "
+         f"{', '.join(TRAIN_TRANSFORMS)}")
+  resize = data.get("eval_resize", 0)
+  _check(resize == 0 or resize >= data.image_size,
+         f"data.eval_resize={resize} must be 0 (resize straight to data.image_size) or >= "
+         f"data.image_size={data.image_size} (resize, then centre-crop)")
+  scale, ratio = data.get("crop_scale", (0.7, 1.0)), data.get("crop_ratio", (0.75, 4 / 3))
+  _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+         f"data.crop_scale={tuple(scale)} must be (low, high) with 0 < low <= high <= 1")
+  _check(len(ratio) == 2 and 0 < ratio[0] <= ratio[1],
+         f"data.crop_ratio={tuple(ratio)} must be (low, high) with 0 < low <= high")
+  for field in ("mean", "std"):
+    value = tuple(data.get(field, (1.0,) * 3))
+    _check(len(value) == 3, f"data.{field}={value} needs one value per RGB channel")
+  _check(all(v > 0 for v in data.get("std", (1.0,))), "data.std values must be > 0")
+  _check(data.get("workers", 0) >= 0, f"data.workers={data.get('workers')} must be >= 0")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -22,16 +22,20 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def load_config(name: str = "synthetic") -> ml_collections.ConfigDict:
+def load_config(name: str = "synthetic", *args) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*args)
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """configs/tiny.py (the demo shrunk to seconds) with dotted-key overrides."""
-  config = load_config("tiny")
+  return override(load_config("tiny"), **overrides)
+
+
+def override(config: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """`config` with dotted-key overrides, e.g. override(c, **{"data.image_size": 16})."""
   for key, value in overrides.items():
     node = config
     *path, last = key.split(".")

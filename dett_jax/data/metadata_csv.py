@@ -121,3 +121,34 @@ def load_metadata_folder(root: str, *, attr_column: str = "place", num_classes: 
                          meta["y"][rows].astype(np.int32), meta["attr"][rows].astype(np.int32),
                          num_classes=num_classes, num_attrs=2)
   return check_splits(splits, os.path.join(root, "metadata.csv"))
+
+
+def write_metadata_folder(splits: dict[str, Split], out: str, *, image_format: str = "jpg",
+                          sizes: tuple[int, int] | None = None, seed: int = 0) -> str:
+  """Writes in-memory splits as a metadata.csv folder (Waterbirds' layout); returns `out`.
+
+  Images go to `out/<split>/<group>/<index>.<image_format>`; `sizes=(lo, hi)` resizes each
+  image to a random height and width in [lo, hi] (to exercise resizing). `out` must not
+  exist yet (nothing is overwritten).
+  """
+  if os.path.exists(out):
+    raise FileExistsError(f"{out} exists; choose a new folder")
+  rng = np.random.default_rng(seed)
+  rows = []
+  for name, code in SPLIT_CODES.items():
+    split = splits[name]
+    for i in range(len(split)):
+      y, a = int(split.labels[i]), int(split.attrs[i])
+      rel = os.path.join(name, f"y{y}_a{a}", f"{i:05d}.{image_format}")
+      os.makedirs(os.path.join(out, os.path.dirname(rel)), exist_ok=True)
+      image = Image.fromarray(np.asarray(split.images[i]))
+      if sizes is not None:
+        w, h = rng.integers(sizes[0], sizes[1] + 1, 2)
+        image = image.resize((int(w), int(h)), Image.BILINEAR)
+      image.save(os.path.join(out, rel), **({"quality": 95} if image_format == "jpg" else {}))
+      rows.append((len(rows), rel, y, code, a, ""))
+  with open(os.path.join(out, "metadata.csv"), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["img_id", "img_filename", "y", "split", "place", "place_filename"])
+    writer.writerows(rows)
+  return out
