@@ -9,7 +9,14 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   "$PYTHON" -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -e ".[test]"
+  # torch only for the PyTorch-importer tests (never needed for training). 2.13.0 is the
+  # CPU build on this machine's disk; elsewhere set TORCH_SPEC (e.g. TORCH_SPEC=none).
+  extras="test"
+  if [ "${TORCH_SPEC:-torch==2.13.0}" != none ]; then
+    .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+    extras="test,torch"
+  fi
+  .venv/bin/pip install --quiet -e ".[$extras]"
   touch .venv/.installed
 fi
 case "${1:-}" in

@@ -40,3 +40,23 @@ def test_reproduce_summarizes_seeds(tmp_path):
   values = [s["student_dett"]["metrics"]["test/worst_group_acc"] for s in summary["per_seed"]]
   mean = float(summary["rows"][2]["test/worst_group_acc"].split(" ± ")[0])
   assert abs(mean - 100 * sum(values) / 2) < 0.051
+
+
+def test_image_pipeline_benchmark_and_folder_generator(tmp_path):
+  folder = str(tmp_path / "folder")
+  out = subprocess.run([sys.executable, "benchmarks/make_folder.py", "--out", folder, "--train",
+                        "40", "--val", "16", "--test", "16"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with open(os.path.join(folder, "metadata.csv")) as f:
+    assert f.readline().strip() == "img_id,img_filename,y,split,place,place_filename"
+    assert len(f.readlines()) >= 72  # at least one example per group and split
+  report = str(tmp_path / "pipeline.json")
+  out = subprocess.run([sys.executable, "benchmarks/image_pipeline.py", "--workers", "0", "1",
+                        "--images", "24", "--batches", "3", "--batch_size", "4", "--sizes", "40",
+                        "60", "--image_size", "32", "--dir", str(tmp_path / "jpegs"), "--out",
+                        report], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = json.load(open(report))["rows"]
+  assert [r["workers"] for r in rows] == [0, 1] and all(r["images_per_s"] > 0 for r in rows)
+  assert "| 1 |" in out.stdout
