@@ -154,7 +154,8 @@ def iterate(ds: grain.MapDataset, start: int = 0, workers: int = 0) -> Iterator[
   it = iter(ds.to_iter_dataset().mp_prefetch(
       grain.multiprocessing.MultiprocessingOptions(num_workers=workers)))
   try:
-    yield from it
+    for batch in it:  # copy out of grain's shared memory, which is freed with the iterator
+      yield {k: np.array(v) for k, v in batch.items()}
   finally:
     it.close()
 
