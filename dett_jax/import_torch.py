@@ -365,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"saved {out} (ResNet-{args.depth}, width {args.width:g}, stem {args.stem}, "
         f"num_classes {classes}); use it with --config.teacher.checkpoint={out} "
         f"--config.teacher.depth={args.depth} --config.teacher.width={args.width:g} "
-        f"--config.teacher.stem={args.stem}")
+        f"--config.teacher.stem={args.stem} (a finished teacher), or as a pretrained "
+        f"backbone with --config.teacher.init={out} or --config.student.init={out}")
   return 0
 
 

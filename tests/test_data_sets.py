@@ -351,3 +351,16 @@ def test_real_data_config_errors():
     validate_config(config(**{"data.root": "/d", "data.name": "imagenet"}))
   with pytest.raises(ConfigError, match="crop_scale"):
     validate_config(config(**{"data.root": "/d", "data.crop_scale": (0.5, 1.5)}))
+
+
+def test_cli_reports_a_data_error_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "train.py", "--config=configs/waterbirds.py:cpu",
+                        f"--config.data.root={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'w'}"],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 4, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("data error: data.root=") and "is not a folder" in last
+  assert "Traceback" not in out.stderr
