@@ -33,6 +33,7 @@ from dett_jax.evaluation import accumulate, split_metrics
 from dett_jax.methods import METHODS, Method, get_method
 from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet, feature_channels
+from dett_jax.optimizers import make_optimizer
 from dett_jax.report import write_json_atomic, write_report
 from dett_jax.sharding import make_mesh, replicate, shard_batch
 from dett_jax.training.loop import FitSpec, MetricLogger, fit
@@ -47,20 +48,6 @@ Tree = Any
 # ---------------------------------------------------------------------------
 # Small builders.
 # ---------------------------------------------------------------------------
-
-def make_optimizer(optim: Any, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD (momentum, nesterov) or AdamW with linear warmup + cosine decay per step."""
-  total = max(1, optim.epochs * steps_per_epoch)
-  warmup = int(optim.warmup_epochs * steps_per_epoch)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0 if warmup else optim.learning_rate, optim.learning_rate, max(warmup, 1), total)
-  if optim.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(optim.weight_decay),
-                       optax.sgd(schedule, momentum=optim.momentum, nesterov=True))
-  if optim.optimizer == "adamw":
-    return optax.adamw(schedule, weight_decay=optim.weight_decay)
-  raise ValueError(f"unknown optimizer {optim.optimizer!r}; choose sgd or adamw")
-
 
 def init_model(model: Any, image_size: int, seed: int) -> dict[str, Tree]:
   variables = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, image_size, image_size, 3))))(
@@ -127,7 +114,7 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   if steps_per_epoch < 1:
     raise ValueError(f"{name}: {len(index_list)} training examples give no full batch of "
                      f"{batch_size}; lower the batch size")
-  tx = make_optimizer(optim, steps_per_epoch)
+  tx = make_optimizer(optim, steps_per_epoch, batch_size)
   # Copy: the step donates its state, and `variables` may share buffers with the caller's.
   variables = jax.tree.map(jnp.copy, variables)
   state = replicate(create_state(variables["params"], variables["batch_stats"], tx), ctx.mesh)

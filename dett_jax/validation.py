@@ -11,6 +11,7 @@ import ml_collections
 from dett_jax.data import LOADERS
 from dett_jax.data.images import TRAIN_TRANSFORMS
 from dett_jax.methods import METHODS
+from dett_jax.optimizers import LR_SCALING, OPTIMIZERS
 from dett_jax.models.projector import PROJECTORS
 from dett_jax.models.resnet import STAGES, feature_channels
 from dett_jax.report import write_json_atomic
@@ -75,7 +76,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for part in name.split("."):
       optim = optim[part]
     _check(optim.get("batch_size", 0) >= 0, f"{name}.batch_size must be >= 0 (0: batch_size)")
-    _check(optim.optimizer in ("sgd", "adamw"), f"{name}.optimizer={optim.optimizer!r}; choose sgd or adamw")
+    _check(optim.optimizer in OPTIMIZERS, f"{name}.optimizer={optim.optimizer!r}; choose from "
+           f"{', '.join(OPTIMIZERS)}")
+    _check(optim.get("lr_scaling", "none") in LR_SCALING,
+           f"{name}.lr_scaling={optim.get('lr_scaling')!r}; choose from {', '.join(LR_SCALING)}")
+    _check(optim.get("accumulate_steps", 1) >= 1,
+           f"{name}.accumulate_steps={optim.get('accumulate_steps')} must be >= 1")
     _check(optim.epochs >= 1, f"{name}.epochs={optim.epochs} must be >= 1")
     _check(optim.learning_rate > 0, f"{name}.learning_rate must be > 0")
   validate_data_config(config)
