@@ -16,7 +16,9 @@ def optim(epochs: int, learning_rate: float, weight_decay: float = 5e-4,
   return ml_collections.ConfigDict(dict(
       optimizer=optimizer, epochs=epochs, learning_rate=learning_rate, momentum=0.9,
       weight_decay=weight_decay, warmup_epochs=0.0,
-      batch_size=0))  # 0: the global batch_size
+      batch_size=0,  # 0: the global batch_size
+      accumulate_steps=1,  # k > 1: one update per k micro-batches (gradient accumulation)
+      lr_scaling="none", base_batch_size=256))  # or linear/sqrt in (batch * k) / base
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -37,7 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
       mean=(127.5, 127.5, 127.5), std=(64.0, 64.0, 64.0),
       workers=0))  # grain worker processes for decoding/augmentation (0: in-process)
 
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, cpu_devices=0))
+  # Mesh (data, model); parameters replicated or FSDP-sharded by path rules
+  # ("regex=kind", kinds replicated/fsdp/model; see dett_jax/sharding.py).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, cpu_devices=0,
+                                               strategy="replicated", rules=()))
+  config.precision = "float32"  # or bfloat16: activations/matmuls; params, losses, BN stats f32
 
   config.pretrain = ml_collections.ConfigDict(dict(enabled=True, size=4000))
   config.pretrain.teacher = optim(epochs=5, learning_rate=3e-3, optimizer="adamw", weight_decay=1e-4)
@@ -61,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
       lambda_up=20.0, reweight="upsample",  # or "loss_weight"
       projector="simkd", projector_factor=2, match="map",  # or "pooled"
       temperature=3.0, kd_ce_weight=0.0,
-      select="val_worst_group"))  # or "last"
+      select="val_worst_group",  # or "last"
+      teacher_cache=False))  # True: teacher outputs computed once (needs no augmentation)
   config.distill.optim = optim(epochs=6, learning_rate=2e-3, optimizer="adamw", weight_decay=1e-4)
   return config

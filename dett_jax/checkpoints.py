@@ -1,4 +1,9 @@
-"""Stage outputs on disk: final variables (Orbax) and a `done.json` completion marker."""
+"""Stage outputs on disk: final variables (Orbax) and a `done.json` completion marker.
+
+In a multi-process run every process calls `save_variables` / `load_variables` (each
+writes or reads its own shards, Orbax synchronises them; the directory must be on a
+file system all processes share); only process 0 writes `done.json`.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,16 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from dett_jax import distributed
 from dett_jax.report import write_json_atomic
 
 
 def save_variables(path: str, tree: Any) -> None:
-  """Saves a pytree of arrays with Orbax (replacing what was there)."""
+  """Saves a pytree of arrays with Orbax (replacing what was there). With several
+  processes, all must call it with the same global arrays."""
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.abspath(path), tree, force=True)
   checkpointer.wait_until_finished()
@@ -46,9 +54,11 @@ def stage_done(stage_dir: str) -> dict | None:
 
 
 def mark_done(stage_dir: str, record: dict) -> None:
-  """Marks a stage finished (written last, atomically, after its outputs)."""
-  if jax.process_index() == 0:
+  """Marks a stage finished (written last, atomically, after its outputs). Process 0
+  writes it; the others wait until it is there, so every process agrees the stage is done."""
+  if distributed.is_primary():
     write_json_atomic(os.path.join(stage_dir, "done.json"), record)
+  distributed.sync(f"done {os.path.basename(os.path.normpath(stage_dir))}")
 
 
 def load_backbone(path: str, template: Any) -> Any:
@@ -61,7 +71,7 @@ def load_backbone(path: str, template: Any) -> Any:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
-  stored = ocp.StandardCheckpointer().restore(path)
+  stored = _restore_numpy(path)
   want = _backbone_leaves(template)
   have = _backbone_leaves(stored)
   problems = [f"{k} missing" for k in want if k not in have]
@@ -74,6 +84,17 @@ def load_backbone(path: str, template: Any) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda p, leaf: leaf if _name(p) not in have else jax.numpy.asarray(have[_name(p)], leaf.dtype),
       template)
+
+
+def _restore_numpy(path: str) -> Any:
+  """The checkpoint at `path` as numpy arrays on the host, whatever devices (and number of
+  processes) wrote it; every process reads the whole tree."""
+  metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+  if metadata is None:
+    raise ValueError(f"checkpoint {path} has no tree metadata; save it with save_variables")
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def _name(path: tuple) -> str:

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 from dett_jax.data.images import Preprocess
 from dett_jax.data.pipeline import eval_batches
 from dett_jax.data.split import Split
+from dett_jax.distributed import to_host
 from dett_jax.metrics import GroupAccumulator, group_accuracy_metrics, group_ratio_metrics
 from dett_jax.sharding import shard_batch
 
@@ -18,14 +19,19 @@ from dett_jax.sharding import shard_batch
 def accumulate(eval_step: Callable, variables: Any, frozen: Any, split: Split, mesh: Mesh,
                batch_size: int, preprocess: Preprocess | None = None,
                workers: int = 0) -> dict[str, np.ndarray]:
-  """Runs a jitted `eval_step` over every example of `split`; returns summed outputs."""
+  """Runs a jitted `eval_step` over every example of `split`; returns summed outputs.
+
+  Each process loads only its slice of every batch; the step's sums are global (reduced
+  over the whole batch inside the jitted program), so every process returns the same
+  totals. A collective with several processes: all of them must call it.
+  """
   acc = GroupAccumulator()
   pending = []
   for batch in eval_batches(split, global_batch_size=batch_size, preprocess=preprocess,
                             process_index=jax.process_index(),
                             process_count=jax.process_count(), workers=workers):
     pending.append(eval_step(variables, shard_batch(batch, mesh), frozen))
-  for sums in jax.device_get(pending):
+  for sums in to_host(pending):  # replicated sums: read locally, no gather
     acc.update(**sums)
   return acc.totals()
 

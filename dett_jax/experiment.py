@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import flax.linen as nn
 from absl import logging
 from jax.sharding import Mesh
 
-from dett_jax import dfr
+from dett_jax import dfr, distributed
 from dett_jax.checkpoints import (load_backbone, load_variables, mark_done, save_variables,
                                   stage_done)
 from dett_jax.data import Preprocess, Split, load_splits
@@ -35,7 +34,8 @@ from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet, feature_channels
 from dett_jax.optimizers import make_optimizer
 from dett_jax.report import write_json_atomic, write_report
-from dett_jax.sharding import make_mesh, replicate, shard_batch
+from dett_jax.sharding import make_mesh, place, replicate, shard_batch
+from dett_jax.teacher_cache import open_cache, write_cache
 from dett_jax.training.loop import FitSpec, MetricLogger, fit
 from dett_jax.training.steps import (Networks, create_state, jit_train_step,
                                      make_eval_step, make_train_step)
@@ -78,6 +78,11 @@ class Context:
   logger: MetricLogger
   preprocess: Preprocess
 
+  def place(self, tree: Tree) -> Tree:
+    """`tree` on the mesh, sharded by the config's strategy and rules (FSDP or replicated)."""
+    return place(tree, self.mesh, self.config.mesh.get("strategy", "replicated"),
+                 tuple(self.config.mesh.get("rules", ())))
+
   @property
   def workers(self) -> int:
     return self.config.data.get("workers", 0)
@@ -105,8 +110,13 @@ def evaluate(ctx: Context, eval_step: Any, variables: Tree, frozen: Tree, splits
 def train_model(ctx: Context, name: str, networks: Networks, method: Method, variables: Tree,
                 frozen: Tree, split: Split, optim: Any, *, index_list: np.ndarray | None = None,
                 weights: np.ndarray | None = None, select_metric: str | None = None,
-                eval_step: Any = None, seed_offset: int = 0) -> tuple[Tree, dict]:
-  """Trains `variables` on `split` with `method`; returns (selected variables, summary)."""
+                eval_step: Any = None, seed_offset: int = 0,
+                cached: dict[str, np.ndarray] | None = None) -> tuple[Tree, dict]:
+  """Trains `variables` on `split` with `method`; returns (selected variables, summary).
+
+  `cached`: per-example teacher outputs to put in each batch (the step then skips the
+  teacher), see `teacher_cache`.
+  """
   config = ctx.config
   index_list = np.arange(len(split)) if index_list is None else index_list
   batch_size = optim.get("batch_size") or config.batch_size
@@ -117,8 +127,8 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   tx = make_optimizer(optim, steps_per_epoch, batch_size)
   # Copy: the step donates its state, and `variables` may share buffers with the caller's.
   variables = jax.tree.map(jnp.copy, variables)
-  state = replicate(create_state(variables["params"], variables["batch_stats"], tx), ctx.mesh)
-  frozen = replicate(frozen, ctx.mesh)
+  state = ctx.place(create_state(variables["params"], variables["batch_stats"], tx))
+  frozen = ctx.place(frozen)
   step_fn = jit_train_step(make_train_step(networks, method, tx, config.distill), ctx.mesh,
                            state, frozen)
   seed = config.seed * 1000 + seed_offset
@@ -126,7 +136,8 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   data = train_batches(split, index_list, num_epochs=optim.epochs,
                        global_batch_size=batch_size, seed=seed, preprocess=ctx.preprocess,
                        augment_images=optim.get("augment", config.augment), weights=weights,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       cached=cached)
 
   evaluate_fn = None
   if select_metric is not None:
@@ -139,8 +150,15 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   return fit(spec, state, step_fn, frozen, ctx.mesh, ctx.logger)
 
 
-def resnet(cfg: Any, num_classes: int | None):
-  return create_resnet(cfg.depth, num_classes, cfg.width, cfg.stem)
+def resnet(config: ml_collections.ConfigDict, role: str, num_classes: int | None):
+  """The ResNet of `config[role]` ("teacher" or "student") in the config's precision."""
+  cfg = config[role]
+  return create_resnet(cfg.depth, num_classes, cfg.width, cfg.stem, dtype=compute_dtype(config))
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """Activation/matmul dtype of `config.precision` (parameters stay float32)."""
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("precision", "float32")]
 
 
 def erm_networks(model) -> Networks:
@@ -186,7 +204,7 @@ def pretrain(ctx: Context, role: str) -> Tree:
   """ResNet of `role` ("teacher" or "student") trained on the unbiased pretraining task."""
   config = ctx.config
   arch = config.teacher if role == "teacher" else config.student
-  model = resnet(arch, len(SHAPES))
+  model = resnet(config, role, len(SHAPES))
   seed_offset = 1 if role == "teacher" else 2
   initial = init_model(model, config.data.image_size, config.seed * 1000 + seed_offset)
   if arch.get("init"):
@@ -221,7 +239,7 @@ def teacher_frozen(variables: Tree, head: Tree | None = None) -> Tree:
 def teacher_erm(ctx: Context, pretrained: Tree | None) -> tuple[Tree, dict]:
   """ERM teacher (fine-tuned from the pretrained backbone), or the user's checkpoint."""
   config = ctx.config
-  model = resnet(config.teacher, ctx.splits["train"].num_classes)
+  model = resnet(config, "teacher", ctx.splits["train"].num_classes)
   if pretrained is None:  # a checkpoint will fill it
     template = init_model(model, config.data.image_size, config.seed * 1000 + 3)
   else:
@@ -244,14 +262,24 @@ def teacher_erm(ctx: Context, pretrained: Tree | None) -> tuple[Tree, dict]:
 
 
 def per_example(ctx: Context, fn: Any, variables: Tree, split: Split) -> np.ndarray:
-  """`fn(variables, images)` over every example of `split` (no augmentation), `[n, ...]`."""
+  """`fn(variables, images)` over every example of `split` (no augmentation), `[n, ...]`.
+
+  Each process loads its slice of every batch; the outputs are gathered, so every
+  process returns the whole array (a collective: all processes must call it).
+  """
   fn = jax.jit(fn)
   chunks = []
   for batch in eval_batches(split, global_batch_size=ctx.config.eval_batch_size,
-                            preprocess=ctx.preprocess, workers=ctx.workers):
-    images = shard_batch({"image": batch["image"]}, ctx.mesh)["image"]
-    chunks.append((fn(variables, images), batch["mask"]))
-  return np.concatenate([np.asarray(out)[mask > 0] for out, mask in jax.device_get(chunks)])
+                            preprocess=ctx.preprocess, process_index=jax.process_index(),
+                            process_count=jax.process_count(), workers=ctx.workers):
+    batch = shard_batch({k: batch[k] for k in ("image", "index", "mask")}, ctx.mesh)
+    chunks.append((fn(variables, batch["image"]), batch["index"], batch["mask"]))
+  out, index, mask = (np.concatenate(parts) for parts in zip(*distributed.to_host(chunks)))
+  keep = mask > 0
+  assert keep.sum() == len(split) and np.array_equal(np.sort(index[keep]), np.arange(len(split)))
+  result = np.empty((len(split),) + out.shape[1:], out.dtype)
+  result[index[keep]] = out[keep]
+  return result
 
 
 def embeddings(ctx: Context, model, variables: Tree, split: Split) -> np.ndarray:
@@ -262,7 +290,7 @@ def embeddings(ctx: Context, model, variables: Tree, split: Split) -> np.ndarray
 def teacher_dfr(ctx: Context, erm_variables: Tree) -> tuple[Tree, dict]:
   """DFR: the ERM teacher's backbone with a last layer refit on balanced validation data."""
   config = ctx.config
-  model = resnet(config.teacher, ctx.splits["train"].num_classes)
+  model = resnet(config, "teacher", ctx.splits["train"].num_classes)
   template = jax.tree.map(jnp.zeros_like, erm_variables["params"]["head"])
 
   def body():
@@ -283,7 +311,7 @@ def identification(ctx: Context, pretrained_student: Tree) -> dict:
   """ERM model of the student's architecture trained T_id epochs; its training errors."""
   config = ctx.config
   train = ctx.splits["train"]
-  model = resnet(config.student, train.num_classes)
+  model = resnet(config, "student", train.num_classes)
   initial = with_new_head(pretrained_student, model.num_classes, config.seed * 1000 + 4)
 
   def body():
@@ -304,11 +332,33 @@ def identification(ctx: Context, pretrained_student: Tree) -> dict:
                                               minlength=train.num_groups).tolist(),
         "train_group_counts": train.group_counts().tolist(),
     }
-    write_json_atomic(os.path.join(ctx.stage_dir("identification"), "error_set.json"), record)
+    if distributed.is_primary():  # every process computed the same record; one writes it
+      write_json_atomic(os.path.join(ctx.stage_dir("identification"), "error_set.json"), record)
     return None, record
 
   _, record = run_stage(ctx, "identification", None, body)
   return record
+
+
+def teacher_cache(ctx: Context, model, variables: Tree, head: Tree) -> dict[str, np.ndarray]:
+  """The teacher's feature maps and logits (with `head`) for every training example, as
+  the un-augmented training pipeline feeds them; computed once into
+  `<workdir>/teacher_cache/` in the config's precision, then memory-mapped."""
+  directory = os.path.join(ctx.workdir, "teacher_cache")
+  cached = open_cache(directory)
+  if cached is None:
+    dtype = compute_dtype(ctx.config)
+    fmap = per_example(ctx, lambda v, x: model.apply(v, x, train=False)["feature_map"].astype(dtype),
+                       variables, ctx.splits["train"])
+    features = fmap.astype(np.float32).mean(axis=(1, 2))
+    logits = features @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+    if distributed.is_primary():
+      write_cache(directory, {"teacher_feature_map": fmap, "teacher_logits": logits})
+    distributed.sync("teacher_cache")
+    cached = open_cache(directory)
+    logging.info("teacher cache: %s feature maps %s written to %s",
+                 len(fmap), fmap.shape[1:], directory)
+  return cached
 
 
 def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars: Tree,
@@ -318,11 +368,12 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
   name = f"student_{method.name}"
   seed_offset = 10 + list(METHODS).index(method.name)
   seed = config.seed * 1000 + seed_offset
-  teacher_model = resnet(config.teacher, train.num_classes)
+  teacher_model = resnet(config, "teacher", train.num_classes)
   t_channels = feature_channels(config.teacher.depth, config.teacher.width)
   if method.objective == "feature":
-    model = resnet(config.student, None)
-    projector = Projector(config.distill.projector, t_channels, config.distill.projector_factor)
+    model = resnet(config, "student", None)
+    projector = Projector(config.distill.projector, t_channels, config.distill.projector_factor,
+                          dtype=compute_dtype(config))
     backbone = with_new_head(pretrained_student, None, seed)
     s_shape = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(
         (1, config.data.image_size, config.data.image_size, 3)))["feature_map"], backbone)
@@ -334,7 +385,7 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
     variables = {"params": params, "batch_stats": {"student": backbone["batch_stats"],
                                                   "projector": p_vars.get("batch_stats", {})}}
   else:
-    model, projector = resnet(config.student, train.num_classes), None
+    model, projector = resnet(config, "student", train.num_classes), None
     variables = wrap(with_new_head(pretrained_student, model.num_classes, seed))
   networks = Networks(student=model, projector=projector, teacher=teacher_model)
   frozen = {"teacher": teacher_vars, "teacher_head": teacher_head}
@@ -350,10 +401,13 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
     elif method.reweight:
       weights = example_weights(len(train), error_set, config.distill.lambda_up)
     select = "val/worst_group_acc" if config.distill.select == "val_worst_group" else None
+    cached = None
+    if config.distill.get("teacher_cache") and method.uses_teacher:
+      cached = teacher_cache(ctx, teacher_model, teacher_vars, teacher_head)
     selected, summary = train_model(ctx, name, networks, method, variables, frozen, train,
                                     config.distill.optim, index_list=index_list, weights=weights,
                                     select_metric=select, eval_step=select_step,
-                                    seed_offset=seed_offset)
+                                    seed_offset=seed_offset, cached=cached)
     metrics = evaluate(ctx, eval_step, selected, frozen)
     return selected, {"metrics": metrics, "selection": summary["selection"],
                       "history": summary["history"]}
@@ -374,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir)
-  mesh = make_mesh(config.mesh.data)
+  mesh = make_mesh(config.mesh.data, config.mesh.get("model", 1))
   for field, size in batch_sizes(config).items():
     if size % mesh.devices.size:
       raise ValueError(f"{field}={size} is not divisible by the {mesh.devices.size} devices of "
@@ -390,9 +444,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:  # flush TensorBoard events also when a stage is interrupted
     ctx.logger.close()
   results = {"config": config.to_dict(), "models": models}
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     write_report(results, workdir)
+  distributed.sync("results")  # the other processes return once the files are there
   return results
 
 

@@ -1,9 +1,24 @@
-"""Named mesh and shardings: batch on the `data` axis, parameters replicated."""
+"""Named mesh and shardings: the batch on the `data` axis; parameters (and their optimizer
+state) replicated or sharded by rules over their paths.
+
+The mesh has axes (`data`, `model`); `model` is 1 unless configured. Strategies:
+
+  replicated  data-parallel: every parameter on every device.
+  fsdp        fully sharded data-parallel: each kernel's largest dimension divisible by
+              the `data` axis is split over it (parameters, optimizer state and the
+              frozen teacher alike); XLA gathers them for the computation.
+
+With `model` > 1, kernels' output dimension is also split over `model`. Rules are
+`"regex=kind"` strings matched in order against a leaf's path (e.g.
+`opt_state/0/mu/student/BasicBlock_0/Conv_0/kernel`); kinds are `replicated`, `fsdp`,
+`model` (only the `model` split). The first match wins.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -22,13 +37,85 @@ def configure_cpu_devices(count: int = 0) -> None:
   jax.config.update("jax_num_cpu_devices", count or os.cpu_count() or 1)
 
 
-def make_mesh(data: int = -1) -> Mesh:
-  """A 1-D mesh with axis `data` over `data` devices (-1: all devices)."""
+def make_mesh(data: int = -1, model: int = 1) -> Mesh:
+  """A mesh with axes (`data`, `model`) of shape (data, model); data=-1 uses every device
+  (divided by `model`)."""
   devices = jax.devices()
-  size = len(devices) if data == -1 else data
-  if size < 1 or size > len(devices):
-    raise ValueError(f"mesh.data={data} but {len(devices)} devices are available; use -1 for all")
-  return Mesh(np.asarray(devices[:size]), ("data",))
+  if model < 1 or len(devices) % model:
+    raise ValueError(f"mesh.model={model} must be >= 1 and divide the {len(devices)} devices")
+  size = len(devices) // model if data == -1 else data
+  if size < 1 or size * model > len(devices):
+    raise ValueError(f"mesh.data={data} x mesh.model={model} but {len(devices)} devices are "
+                     "available; use mesh.data=-1 for all")
+  return Mesh(np.asarray(devices[:size * model]).reshape(size, model), ("data", "model"))
+
+
+STRATEGIES = ("replicated", "fsdp")
+KINDS = ("replicated", "fsdp", "model")
+DEFAULT_RULES = {
+    "replicated": (".*kernel=model", ".*=replicated"),
+    "fsdp": ("batch_stats=replicated", ".*kernel=fsdp", ".*=replicated"),
+}
+
+
+def parse_rules(strategy: str, rules: Sequence[str] = ()) -> list[tuple[re.Pattern, str]]:
+  """The strategy's rules, preceded by the user's `regex=kind` rules."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"mesh.strategy={strategy!r}; choose from {', '.join(STRATEGIES)}")
+  parsed = []
+  for rule in (*rules, *DEFAULT_RULES[strategy]):
+    pattern, sep, kind = str(rule).rpartition("=")
+    if not sep or kind not in KINDS:
+      raise ValueError(f"mesh rule {rule!r} must be 'regex=kind' with kind in {', '.join(KINDS)}")
+    try:
+      parsed.append((re.compile(pattern), kind))
+    except re.error as e:
+      raise ValueError(f"mesh rule {rule!r}: bad regular expression ({e})") from None
+  return parsed
+
+
+def leaf_spec(shape: tuple[int, ...], kind: str, mesh: Mesh) -> P:
+  """The PartitionSpec of one leaf of `shape` for a rule `kind`."""
+  spec: list[Any] = [None] * len(shape)
+  model, data = mesh.shape["model"], mesh.shape["data"]
+  if kind in ("fsdp", "model") and model > 1 and shape and shape[-1] % model == 0:
+    spec[-1] = "model"
+  if kind == "fsdp" and data > 1:
+    free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % data == 0]
+    if free:
+      spec[max(free, key=lambda i: shape[i])] = "data"
+  return P(*spec)
+
+
+def path_name(path: tuple) -> str:
+  """'a/b/c' for a pytree key path (dict keys, attributes and indices)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, strategy: str = "replicated",
+                   rules: Sequence[str] = ()) -> Any:
+  """A NamedSharding for every leaf of `tree` (params, a TrainState, frozen variables)."""
+  parsed = parse_rules(strategy, rules)
+
+  def sharding(path, leaf):
+    name = path_name(path)
+    kind = next(k for pattern, k in parsed if pattern.search(name))
+    return NamedSharding(mesh, leaf_spec(tuple(np.shape(leaf)), kind, mesh))
+
+  return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def place(tree: Any, mesh: Mesh, strategy: str = "replicated", rules: Sequence[str] = ()) -> Any:
+  """Puts every leaf of `tree` on the mesh with `tree_shardings`."""
+  return jax.device_put(tree, tree_shardings(tree, mesh, strategy, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

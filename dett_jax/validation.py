@@ -6,12 +6,15 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
+from dett_jax import distributed
 from dett_jax.data import LOADERS
 from dett_jax.data.images import TRAIN_TRANSFORMS
 from dett_jax.methods import METHODS
 from dett_jax.optimizers import LR_SCALING, OPTIMIZERS
+from dett_jax.sharding import parse_rules
 from dett_jax.models.projector import PROJECTORS
 from dett_jax.models.resnet import STAGES, feature_channels
 from dett_jax.report import write_json_atomic
@@ -85,6 +88,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(optim.epochs >= 1, f"{name}.epochs={optim.epochs} must be >= 1")
     _check(optim.learning_rate > 0, f"{name}.learning_rate must be > 0")
   validate_data_config(config)
+  _check(config.get("precision", "float32") in ("float32", "bfloat16"),
+         f"precision={config.get('precision')!r}; choose float32 or bfloat16")
+  try:
+    parse_rules(config.mesh.get("strategy", "replicated"), tuple(config.mesh.get("rules", ())))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check(config.mesh.get("model", 1) >= 1, "mesh.model must be >= 1")
+  if config.distill.get("teacher_cache"):
+    _check(not config.distill.optim.get("augment", config.augment),
+           "distill.teacher_cache=True needs un-augmented student training (the teacher must "
+           "see the same image each epoch); set augment=False (or distill.optim.augment=False) "
+           "or distill.teacher_cache=False")
   for role in ("teacher", "student"):
     init = config[role].get("init")
     if init:
@@ -141,17 +156,38 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir that holds results of a different config; records the config otherwise."""
+  """Refuses a workdir that holds results of a different config; records the config otherwise.
+
+  With several processes, process 0 writes `config.json` and the others wait for it,
+  then check that their config is the same as process 0's.
+  """
   path = os.path.join(workdir, "config.json")
   current = {k: v for k, v in _flatten(json.loads(config.to_json())).items()
              if k not in NON_RESULT_FIELDS}
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = {k: v for k, v in _flatten(json.load(f)).items() if k not in NON_RESULT_FIELDS}
-    differing = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+  stored = _stored_config(path)
+  if stored is not None:
+    differing = _differing(stored, current)
     if differing:
-      shown = ", ".join(f"{k} ({stored.get(k)!r} -> {current.get(k)!r})" for k in differing[:5])
-      raise ConfigError(f"workdir {workdir} holds results of a different config ({shown}); "
+      raise ConfigError(f"workdir {workdir} holds results of a different config ({differing}); "
                         "use a new --workdir, or delete that one to start over")
-    return
-  write_json_atomic(path, json.loads(config.to_json()))
+  elif distributed.is_primary():
+    write_json_atomic(path, json.loads(config.to_json()))
+  distributed.sync("config.json")
+  if stored is None and not distributed.is_primary():
+    differing = _differing(_stored_config(path) or {}, current)
+    if differing:
+      raise ConfigError(f"process {jax.process_index()} has a different config from process 0 "
+                        f"({differing}); start every process with the same flags")
+
+
+def _stored_config(path: str) -> dict[str, Any] | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return {k: v for k, v in _flatten(json.load(f)).items() if k not in NON_RESULT_FIELDS}
+
+
+def _differing(stored: dict[str, Any], current: dict[str, Any]) -> str:
+  """'' when equal, else the first differing fields as 'key (stored -> current)'."""
+  differing = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+  return ", ".join(f"{k} ({stored.get(k)!r} -> {current.get(k)!r})" for k in differing[:5])

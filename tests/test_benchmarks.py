@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,14 +17,114 @@ def _env():
   return env
 
 
-def test_cpu_devices_benchmark_prints_a_row_per_device_count():
-  out = subprocess.run([sys.executable, "benchmarks/cpu_devices.py", "--devices", "1,2",
-                        "--steps", "2", "--config", "configs/tiny.py"], cwd=ROOT, env=_env(),
+TINY = ["--pair", "tiny", "--image_size", "16", "--batch", "16", "--steps", "2", "--warmup", "1"]
+
+
+def _jax_param_counts(teacher=(10, 0.0625, "small"), student=(10, 0.0625, "small"), size=16):
+  """Parameter counts of the tiny pair's networks, as throughput.py builds them."""
+  import jax.numpy as jnp
+  from dett_jax.models.projector import Projector
+  from dett_jax.models.resnet import create_resnet, feature_channels
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  x = jnp.zeros((1, size, size, 3))
+  t_depth, t_width, t_stem = teacher
+  t = jax.eval_shape(create_resnet(t_depth, 2, t_width, t_stem).init, jax.random.key(0), x)
+  model = create_resnet(student[0], None, *student[1:])
+  s = jax.eval_shape(model.init, jax.random.key(0), x)
+  fmap = jax.eval_shape(lambda v: model.apply(v, x)["feature_map"], s)
+  proj = Projector("simkd", feature_channels(t_depth, t_width), 2)
+  p = jax.eval_shape(proj.init, jax.random.key(0), jnp.zeros(fmap.shape))
+  return {"teacher": count(t["params"]), "student": count(s["params"]),
+          "projector": count(p["params"])}
+
+
+def test_throughput_rows_per_step_and_device_count(tmp_path):
+  report = str(tmp_path / "throughput.json")
+  out = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--devices", "1,2",
+                        "--torch", "no", "--json", report], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  rows = [l for l in out.stdout.splitlines() if l.startswith("| 1 |") or l.startswith("| 2 |")]
-  assert len(rows) == 2
-  assert float(rows[0].split("|")[2]) > 0
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  for name in ("DeTT", "DeTT, cached teacher", "KD"):
+    for devices in (1, 2):
+      assert sum(l.startswith(f"| {name} | JAX | float32 | {devices} |") for l in lines) == 1
+  with open(report) as f:
+    results = json.load(f)
+  rows = results["rows"]
+  assert [(r["name"], r["devices"]) for r in rows] == [
+      ("dett", 1), ("dett_cached", 1), ("kd", 1), ("dett", 2), ("dett_cached", 2), ("kd", 2)]
+  for r in rows:
+    for key in ("compile_s", "step_s", "examples_per_s", "flops", "gflops_per_s",
+                "peak_gflops_per_s", "utilisation", "memory_mb"):
+      assert r[key] > 0, (r["name"], key, r[key])
+    assert len(r["step_times_s"]) == 2 and abs(r["examples_per_s"] * r["step_s"] - 16) < 1e-6
+  by = {(r["name"], r["devices"]): r for r in rows}
+  # FLOPs are per step (all devices), and the cached step skips the teacher's forward pass.
+  assert abs(by["dett", 2]["flops"] / by["dett", 1]["flops"] - 1) < 0.05
+  assert by["dett_cached", 1]["flops"] < by["dett", 1]["flops"]
+  assert results["params"] == _jax_param_counts()
+
+
+def test_torch_reference_is_the_same_step_and_joins_the_table(tmp_path):
+  import importlib.util
+  if importlib.util.find_spec("torch") is None:
+    pytest.skip("the PyTorch reference needs torch, which is not installed; "
+                "pip install 'dett-jax[torch]'")
+  report = str(tmp_path / "throughput.json")
+  out = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--torch", "only",
+                        "--json", report], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert any(l.startswith("| DeTT | PyTorch (eager, channels_last") for l in out.stdout.splitlines())
+  with open(report) as f:
+    (row,) = json.load(f)["rows"]
+  assert row["engine"] == "torch" and row["batch"] == 16 and row["image_size"] == 16
+  for key in ("step_s", "examples_per_s", "flops", "gflops_per_s", "utilisation"):
+    assert row[key] > 0, key
+  assert row["loss"] > 0
+  # Same architectures and widths as the JAX networks (BatchNorm scale/bias = weight/bias).
+  assert row["params"] == _jax_param_counts()
+
+
+def _fake_wheel(folder, dist, module):
+  """A minimal pure-Python wheel of distribution `dist` holding package `module`."""
+  import zipfile
+  path = os.path.join(folder, f"{dist}-0.1-py3-none-any.whl")
+  info = f"{dist}-0.1.dist-info"
+  files = {f"{module}/__init__.py": "VALUE = 7\n",
+           f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n",
+           f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                            "Tag: py3-none-any\n"}
+  files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+  with zipfile.ZipFile(path, "w") as z:
+    for name, text in files.items():
+      z.writestr(name, text)
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+  """benchmarks/gpu.sh end to end on this CPU (the GPU check relaxed, a tiny pair): it
+  installs only what the wheels folder has and python lacks, and appends its tables."""
+  wheels, deps = tmp_path / "wheels", tmp_path / "deps"
+  wheels.mkdir()
+  _fake_wheel(str(wheels), "dett_fake_dep", "dett_fake_dep")  # missing here: installed
+  _fake_wheel(str(wheels), "absl_py", "absl_fake_copy")  # installed here: left alone
+  results = tmp_path / "RESULTS.md"
+  results.write_text(open(os.path.join(ROOT, "benchmarks", "RESULTS.md")).read())
+  env = dict(_env(), PYTHON=sys.executable, GPU_BENCH_ALLOW_CPU="1", WHEELS=str(wheels),
+             GPU_DEPS=str(deps), RESULTS=str(results), GPU_BENCH_JSON_DIR=str(tmp_path),
+             GPU_BENCH_DTYPES="float32", GPU_BENCH_BUDGET="200",
+             GPU_BENCH_ARGS=" ".join(TINY + ["--devices", "1", "--rows", "dett", "--torch", "no"]))
+  env.pop("OUT", None)
+  out = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (deps / "dett_fake_dep" / "__init__.py").exists()  # installed: python lacked it
+  assert not (deps / "absl_fake_copy").exists()  # nothing this python already has
+  text = results.read_text()
+  assert "No GPU run has been recorded yet" not in text
+  assert "\n## " in text and "bash benchmarks/gpu.sh" in text
+  assert "| DeTT | JAX | float32 | 1 |" in text
+  assert json.load(open(tmp_path / "gpu_throughput_float32.json"))["rows"][0]["step_s"] > 0
 
 
 def test_reproduce_summarizes_seeds(tmp_path):

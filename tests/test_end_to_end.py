@@ -60,7 +60,8 @@ def test_rerun_skips_finished_stages(full_run):
 
 def test_interrupted_run_resumes_to_the_same_results(tmp_path):
   methods = "dett,kd_up"
-  straight = train_and_evaluate(tiny_config(**{"distill.methods": methods}),
+  straight = train_and_evaluate(tiny_config(**{"distill.methods": methods,
+                                               "pretrain.enabled": False}),
                                 str(tmp_path / "straight"))
   workdir = str(tmp_path / "resumed")
   interruptions = 0
@@ -68,7 +69,7 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path):
     try:
       resumed = train_and_evaluate(
           tiny_config(**{"distill.methods": methods, "stop_after_steps": 4,
-                       "checkpoint_every_steps": 2}), workdir)
+                         "checkpoint_every_steps": 2, "pretrain.enabled": False}), workdir)
       break
     except Interrupted:
       interruptions += 1

@@ -43,8 +43,9 @@ def upsampled_indices(num_examples: int, error_set: np.ndarray | None, lambda_up
   return np.repeat(np.arange(num_examples), counts)
 
 
-def _gather(split: Split, indices: np.ndarray, weights: np.ndarray | None) -> Batch:
-  return {
+def _gather(split: Split, indices: np.ndarray, weights: np.ndarray | None,
+            cached: dict[str, np.ndarray] | None = None) -> Batch:
+  batch = {
       "index": indices.astype(np.int32),
       "label": split.labels[indices],
       "group": split.groups[indices],
@@ -52,18 +53,23 @@ def _gather(split: Split, indices: np.ndarray, weights: np.ndarray | None) -> Ba
                  else weights[indices].astype(np.float32)),
       "mask": np.ones(len(indices), np.float32),
   }
+  for key, values in (cached or {}).items():  # per-example arrays, e.g. a memory map
+    batch[key] = np.asarray(values[np.sort(indices)])[np.argsort(np.argsort(indices))]
+  return batch
 
 
 def train_epoch(split: Split, index_list: np.ndarray, *, global_batch_size: int, epoch: int,
                 seed: int, preprocess: Preprocess | None = None, augment_images: bool = True,
                 weights: np.ndarray | None = None, process_index: int = 0,
-                process_count: int = 1) -> grain.MapDataset:
+                process_count: int = 1,
+                cached: dict[str, np.ndarray] | None = None) -> grain.MapDataset:
   """The batches of one training epoch, as a random-access `grain.MapDataset`.
 
   Element k is this process's part of global batch k: a dict with `image`
   float32 `[b, s, s, 3]` (b = global_batch_size / process_count), `label`,
-  `group`, `index` int32 `[b]`, `weight` and `mask` float32 `[b]`. The last
-  incomplete batch is dropped. Each example's augmentation is drawn from
+  `group`, `index` int32 `[b]`, `weight` and `mask` float32 `[b]`, and for each
+  `cached[key]` (per-example arrays `[n, ...]`, e.g. memory-mapped teacher outputs)
+  its rows of this batch. The last incomplete batch is dropped. Each example's augmentation is drawn from
   `(seed, epoch, position in the epoch)`, so it does not depend on the number of
   processes or workers.
   """
@@ -77,7 +83,7 @@ def train_epoch(split: Split, index_list: np.ndarray, *, global_batch_size: int,
 
   def load(batch_index: int, global_indices: np.ndarray) -> Batch:
     indices = np.asarray(global_indices)[lo:hi]
-    batch = _gather(split, indices, weights)
+    batch = _gather(split, indices, weights, cached)
     images = []
     for j, i in enumerate(indices):
       image = split.images[int(i)]

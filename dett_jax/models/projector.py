@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -28,11 +31,14 @@ class Projector(nn.Module):
   kind: "identity" (shapes must already match), "linear" (1x1 conv), "simkd"
   (1x1 conv-BN-ReLU, 3x3 conv-BN-ReLU, 1x1 conv-BN-ReLU; bottleneck width
   teacher_channels // factor) or "simkd_dw" (the same with a depthwise 3x3).
+  dtype: activation/matmul dtype (e.g. bfloat16); parameters stay float32 and the
+  output is float32, so the feature loss is computed in float32.
   """
 
   kind: str
   teacher_channels: int
   factor: int = 2
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -43,13 +49,16 @@ class Projector(nn.Module):
             f"{self.teacher_channels}: choose distill.projector=linear or simkd")
       return x
     if self.kind == "linear":
-      return nn.Conv(self.teacher_channels, (1, 1), name="conv")(x)
+      return nn.Conv(self.teacher_channels, (1, 1), dtype=self.dtype, name="conv")(x).astype(
+          jnp.float32)
     if self.kind not in ("simkd", "simkd_dw"):
       raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     mid = max(1, self.teacher_channels // self.factor)
-    x = nn.relu(norm()(nn.Conv(mid, (1, 1), use_bias=False)(x)))
+    x = nn.relu(norm()(conv(mid, (1, 1))(x)))
     groups = mid if self.kind == "simkd_dw" else 1
-    x = nn.relu(norm()(nn.Conv(mid, (3, 3), use_bias=False, feature_group_count=groups)(x)))
-    x = nn.relu(norm()(nn.Conv(self.teacher_channels, (1, 1), use_bias=False)(x)))
-    return x
+    x = nn.relu(norm()(conv(mid, (3, 3), feature_group_count=groups)(x)))
+    x = nn.relu(norm()(conv(self.teacher_channels, (1, 1))(x)))
+    return x.astype(jnp.float32)

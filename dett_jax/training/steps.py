@@ -50,8 +50,20 @@ class Networks:
   teacher: nn.Module | None = flax.struct.field(pytree_node=False, default=None)
 
 
-def teacher_outputs(networks: Networks, frozen: Tree, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
-  """Teacher in inference mode (BatchNorm running statistics), gradients stopped."""
+CACHED_TEACHER_KEYS = ("teacher_feature_map", "teacher_logits")
+
+
+def teacher_outputs(networks: Networks, frozen: Tree, images: jnp.ndarray,
+                    batch: Batch | None = None) -> dict[str, jnp.ndarray]:
+  """Teacher in inference mode (BatchNorm running statistics), gradients stopped.
+
+  When `batch` carries cached teacher outputs (`teacher_feature_map` `[b, h, w, c]`,
+  `teacher_logits` `[b, k]`, e.g. from `data.pipeline.train_epoch(..., cached=...)`),
+  they are used instead and the teacher is not run.
+  """
+  if batch is not None and all(k in batch for k in CACHED_TEACHER_KEYS):
+    return jax.lax.stop_gradient({"feature_map": batch["teacher_feature_map"].astype(jnp.float32),
+                                  "logits": batch["teacher_logits"].astype(jnp.float32)})
   out = networks.teacher.apply(frozen["teacher"], images, train=False)
   logits = dense_apply(frozen["teacher_head"], out["features"])
   return jax.lax.stop_gradient({"feature_map": out["feature_map"], "logits": logits})
@@ -111,7 +123,8 @@ def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransf
   """Returns `step(state, batch, frozen) -> (state, metrics)` (pure; jit it with shardings)."""
 
   def step(state: TrainState, batch: Batch, frozen: Tree) -> tuple[TrainState, dict]:
-    teacher = teacher_outputs(networks, frozen, batch["image"]) if method.uses_teacher else None
+    teacher = (teacher_outputs(networks, frozen, batch["image"], batch) if method.uses_teacher
+               else None)
 
     def loss_fn(params):
       student, new_stats = student_outputs(networks, method, params, state.batch_stats, frozen,
@@ -172,10 +185,10 @@ def make_eval_step(networks: Networks, method: Method | None, num_groups: int,
 
 
 def jit_train_step(step: Callable, mesh: Mesh, state: TrainState, frozen: Tree) -> Callable:
-  """`jax.jit` of a train step: batch sharded over `data`, state and frozen trees
-  replicated, state donated."""
+  """`jax.jit` of a train step: batch sharded over `data`; state and frozen trees keep
+  the shardings they have (replicated, or FSDP via `sharding.place`); state donated."""
   rep, data = replicated(mesh), batch_sharding(mesh)
-  state_sharding = jax.tree.map(lambda _: rep, state)
-  frozen_sharding = jax.tree.map(lambda _: rep, frozen)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
   return jax.jit(step, in_shardings=(state_sharding, data, frozen_sharding),
                  out_shardings=(state_sharding, rep), donate_argnums=0)
