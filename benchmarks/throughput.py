@@ -16,8 +16,9 @@ Flags (defaults: the demo's pair, configs/synthetic.py):
   --torch auto|no|only       also run benchmarks/torch_reference.py (auto: when importable)
   --xla_flags="--xla_..."    extra XLA_FLAGS (note the `=`); repeat to compare variants
   --breakdown                time separately-jitted pieces of the DeTT step
-  --small_map_conv=patches   experiment: convolutions on maps smaller than their kernel as
-                             patches x matrix (XLA:CPU runs them at ~1 GFLOP/s)
+  --small_map_conv=auto|patches|xla   the models' setting (config.small_map_conv): maps
+                             smaller than the kernel as patches x matrix (auto: on CPU,
+                             where XLA runs them at ~1 GFLOP/s); xla to compare
   --profile                  per-op XLA profile (jax.profiler trace) of the first row's step
   --json runs/throughput.json
 
@@ -28,12 +29,16 @@ feature MSE and AdamW. `dett_cached`: the same step whose batch carries the teac
 `teacher_feature_map`/`teacher_logits` (computed once beforehand, in the row's dtype),
 so the teacher is not run. `kd`: Hinton KD with a student that has its own head. The
 batch is random data already on the devices (no input pipeline). Times: `--warmup`
-steps, then the median of `--steps` steps (each waited for). Compile: lowering plus
+steps, then the median of `--steps` steps (each waited for; the rows take turns, one step
+each per round, so a drift in the machine's speed affects all rows alike). Compile: lowering plus
 XLA compilation of the step. FLOPs: the compiled step's `cost_analysis()` (per device,
-times the number of devices). Peak: the best of five timed square matmuls (float32,
-and bfloat16 for bfloat16 rows) in the same process, on one device and as a
-data-parallel batch over all devices (the larger counts); utilisation = achieved FLOP/s
-over that peak. Memory: `memory_stats()["peak_bytes_in_use"]` where the device reports
+times the number of devices; XLA's count of the compiled program, e.g. without the
+multiplications by a convolution's zero padding). Peak: the best of five timed square
+matmuls (2048 on CPU, 8192 on GPU; float32, and bfloat16 for bfloat16 rows) in the same
+process, before and after the steps, on one device and as a data-parallel batch over
+all devices (the largest counts); utilisation = achieved FLOP/s over that peak.
+Parameters are drawn with numpy in the shapes of the modules' `init` (their values do
+not change the work). Memory: `memory_stats()["peak_bytes_in_use"]` where the device reports
 it (GPU; the process's peak so far), else the compiled step's `memory_analysis()`
 (arguments + outputs - aliased + temporaries, per device).
 
@@ -105,13 +110,21 @@ def device_peak_bytes(jax) -> int | None:
 
 
 def time_calls(fn, warmup: int, steps: int, block) -> list[float]:
+  return time_interleaved([fn], warmup, steps, block)[0]
+
+
+def time_interleaved(fns: list, warmup: int, steps: int, block) -> list[list[float]]:
+  """Per-function step times, the functions taking turns (one call each per round), so
+  a drift in the machine's speed (other tenants, clock) affects every row alike."""
   for _ in range(warmup):
-    block(fn())
-  times = []
+    for fn in fns:
+      block(fn())
+  times = [[] for _ in fns]
   for _ in range(steps):
-    t0 = time.perf_counter()
-    block(fn())
-    times.append(time.perf_counter() - t0)
+    for fn, out in zip(fns, times):
+      t0 = time.perf_counter()
+      block(fn())
+      out.append(time.perf_counter() - t0)
   return times
 
 
@@ -148,6 +161,7 @@ class Bench:
     import numpy as np
     from dett_jax.models.projector import Projector
     from dett_jax.models.resnet import create_resnet, feature_channels
+    from dett_jax.models.conv import use_patches
     from dett_jax.optimizers import make_optimizer
     from dett_jax.sharding import make_mesh
 
@@ -164,11 +178,12 @@ class Bench:
     s_depth, s_width, s_stem = parse_net(args.student)
     k = args.num_classes
     self.t_channels = feature_channels(t_depth, t_width)
-    self.teacher = create_resnet(t_depth, k, t_width, t_stem, dtype=self.dtype)
-    self.student = create_resnet(s_depth, None, s_width, s_stem, dtype=self.dtype)
-    self.kd_student = create_resnet(s_depth, k, s_width, s_stem, dtype=self.dtype)
-    self.projector = Projector(args.projector, self.t_channels, args.projector_factor,
-                               dtype=self.dtype)
+    patches = use_patches(args.small_map_conv)
+    net = dict(dtype=self.dtype, small_map_conv=patches)
+    self.teacher = create_resnet(t_depth, k, t_width, t_stem, **net)
+    self.student = create_resnet(s_depth, None, s_width, s_stem, **net)
+    self.kd_student = create_resnet(s_depth, k, s_width, s_stem, **net)
+    self.projector = Projector(args.projector, self.t_channels, args.projector_factor, **net)
     size = args.image_size
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     self.t_vars = self.init(self.teacher, x, seed=0)
@@ -242,9 +257,9 @@ class Bench:
     state = replicate(create_state(params, stats, self.tx), self.mesh)
     return networks, method, state, replicate(frozen, self.mesh), shard_batch(batch, self.mesh)
 
-  def run_row(self, row: str) -> dict:
+  def compile_row(self, row: str) -> tuple:
+    """(compiled step, a call running one step, compile seconds) of a row."""
     from dett_jax.training.steps import jit_train_step, make_train_step
-    jax, args = self.jax, self.args
     networks, method, state, frozen, batch = self.setup(row)
     step = jit_train_step(make_train_step(networks, method, self.tx, self.distill), self.mesh,
                           state, frozen)
@@ -257,7 +272,17 @@ class Bench:
       holder["state"], metrics = compiled(holder["state"], batch, frozen)
       return metrics
 
-    times = time_calls(call, args.warmup, args.steps, jax.block_until_ready)
+    return compiled, call, compile_s
+
+  def run_rows(self, rows: list[str]) -> list[dict]:
+    """Compiles every row, then times their steps taking turns (`time_interleaved`)."""
+    prepared = [self.compile_row(row) for row in rows]
+    times = time_interleaved([call for _, call, _ in prepared], self.args.warmup,
+                             self.args.steps, self.jax.block_until_ready)
+    return [self.row_result(row, *p, t) for row, p, t in zip(rows, prepared, times)]
+
+  def row_result(self, row: str, compiled, call, compile_s: float, times: list[float]) -> dict:
+    jax, args = self.jax, self.args
     metrics = jax.device_get(call())
     devices = self.mesh.devices.size
     flops = cost_flops(compiled) * devices
@@ -387,12 +412,13 @@ def profile_ops(jax, compiled, call, steps: int) -> dict:
     wall = (time.perf_counter() - t0) / steps
     files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
     data = jax.profiler.ProfileData.from_file(files[0])
-    per_op = collections.Counter()
+    per_op, events = collections.Counter(), 0
     for plane in data.planes:
       for line in plane.lines:
         for event in line.events:
           if event.name in ops:
             per_op[event.name] += event.duration_ns / 1e9 / steps
+            events += 1
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   by_category = collections.Counter()
@@ -402,80 +428,36 @@ def profile_ops(jax, compiled, call, steps: int) -> dict:
   top = [{"op": name, "category": ops[name]["category"], "shape": ops[name]["shape"],
           "source": ops[name]["op_name"].split("/", 1)[-1][:90], "s": s}
          for name, s in per_op.most_common(15)]
-  return {"wall_s_per_step": wall, "op_s_per_step": total,
+  return {"wall_s_per_step": wall, "op_s_per_step": total, "ops_per_step": events / steps,
           "by_category": dict(by_category.most_common()), "top_ops": top}
-
-
-def patch_small_map_convs() -> None:
-  """Experiment (`--small_map_conv=patches`), not used in training: flax convolutions
-  whose kernel is larger than their input or output map (a 3x3 convolution on a 2x2 map,
-  or a strided one onto it: ResNet's last stage at 64 pixels) are computed as image
-  patches times one matrix. XLA:CPU's algebraic simplifier swaps the operands of such
-  convolutions (the GPU compilers turn that off), and the swapped convolution, or the
-  input gradient of the strided one, runs at about 1 GFLOP/s on this CPU."""
-  import types
-  import flax.linen.linear as linear
-  import jax.numpy as jnp
-  from jax import lax
-  original = lax.conv_general_dilated
-
-  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-           dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-           preferred_element_type=None):
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    ones = lambda d: d is None or all(v == 1 for v in d)
-    kernel, spatial = rhs.shape[:-2], lhs.shape[1:-1]
-    if (lhs.ndim == 4 and tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1)
-        and tuple(dn.out_spec) == (0, 3, 1, 2) and ones(lhs_dilation) and ones(rhs_dilation)
-        and feature_group_count == 1 and batch_group_count == 1):
-      pads = (lax.padtype_to_pads(spatial, kernel, window_strides, padding)
-              if isinstance(padding, str) else tuple(padding))
-      out = [(s + lo + hi - k) // st + 1
-             for s, k, st, (lo, hi) in zip(spatial, kernel, window_strides, pads)]
-      # Input or output map smaller than the kernel: the convolution or its gradient
-      # takes XLA:CPU's slow path.
-      if any(k > min(s, o) for k, s, o in zip(kernel, spatial, out)):
-        padded = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-        (sh, sw), (oh, ow) = window_strides, out
-        patches = jnp.concatenate(  # [b, oh, ow, kh * kw * c], (kh, kw, c) major as HWIO
-            [lax.slice(padded, (0, i, j, 0),
-                       (lhs.shape[0], i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1,
-                        lhs.shape[3]), (1, sh, sw, 1))
-             for i in range(kernel[0]) for j in range(kernel[1])], axis=-1)
-        return jnp.dot(patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision,
-                       preferred_element_type=preferred_element_type)
-    return original(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                    dimension_numbers, feature_group_count, batch_group_count, precision,
-                    preferred_element_type)
-
-  proxy = types.SimpleNamespace(**{n: getattr(lax, n) for n in dir(lax) if not n.startswith("__")})
-  proxy.conv_general_dilated = conv
-  linear.lax = proxy
 
 
 def child(args) -> None:
   sys.path.insert(0, ROOT)
   import jax
   import jax.numpy as jnp
-  if args.small_map_conv == "patches":
-    patch_small_map_convs()
   out = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
          "device_kind": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "jax": jax.__version__, "rows": [], "breakdown": [], "peaks": {}}
   dtypes = args.dtypes.split(",")
-  for dtype in dtypes:
-    bench = Bench(args, dtype)
-    out["params"] = bench.params()
-    for row in args.rows.split(","):
-      out["rows"].append(bench.run_row(row))
-      print(f"  {row} {dtype} {out['devices']} devices: {1e3 * out['rows'][-1]['step_s']:.1f} ms",
-            file=sys.stderr, flush=True)
-    if args.breakdown:
-      out["breakdown"] += bench.breakdown()
   platform = out["platform"]
   size = args.matmul_size or (8192 if platform == "gpu" else 2048)
   peak_dtypes = sorted(set(["float32"] + dtypes + (["bfloat16"] if platform == "gpu" else [])))
-  out["peaks"] = matmul_peaks(jax, jnp, bench.mesh, size, peak_dtypes)
+  from dett_jax.sharding import make_mesh
+  # The matmul peak before and after the steps (the better counts): a CPU's rate drifts.
+  before = matmul_peaks(jax, jnp, make_mesh(-1), size, peak_dtypes)
+  for dtype in dtypes:
+    bench = Bench(args, dtype)
+    out["params"] = bench.params()
+    for result in bench.run_rows(args.rows.split(",")):
+      out["rows"].append(result)
+      print(f"  {result['name']} {dtype} {out['devices']} devices: "
+            f"{1e3 * result['step_s']:.1f} ms", file=sys.stderr, flush=True)
+    if args.breakdown:
+      out["breakdown"] += bench.breakdown()
+  after = matmul_peaks(jax, jnp, bench.mesh, size, peak_dtypes)
+  out["peaks"] = {d: {**after[d], "before": before[d]["peak"], "after": after[d]["peak"],
+                      "peak": max(before[d]["peak"], after[d]["peak"])} for d in peak_dtypes}
   out["matmul_size"] = size
   for row in out["rows"] + out["breakdown"]:
     row["peak_gflops_per_s"] = out["peaks"][row["dtype"]]["peak"]
@@ -564,8 +546,9 @@ def breakdown_table(rows: list[dict]) -> str:
 def profile_tables(profile: dict, devices: int) -> str:
   total = profile["op_s_per_step"]
   lines = [f"Per-op profile, {ROW_NAMES[profile['row']]} step, {profile['dtype']}, on {devices} device(s): {1e3 * profile['wall_s_per_step']:.0f}"
-           f" ms wall per step (traced), {1e3 * total:.0f} ms of op time per step summed over "
-           f"threads ({total / profile['wall_s_per_step']:.2f} ops running on average)\n",
+           f" ms wall per step (traced), {profile['ops_per_step']:.0f} ops per step taking "
+           f"{1e3 * total:.0f} ms summed over threads ({total / profile['wall_s_per_step']:.2f} "
+           f"running on average)\n",
            "| op category | ms per step | share of op time |", "|---|---|---|"]
   for cat, s in profile["by_category"].items():
     lines.append(f"| {cat} | {1e3 * s:.1f} | {100 * s / total:.0f}% |")
@@ -602,9 +585,9 @@ def main(argv=None) -> None:
   parser.add_argument("--xla_flags", action="append", default=None,
                       help="extra XLA_FLAGS for the JAX processes; repeat to compare variants "
                            "('' = none)")
-  parser.add_argument("--small_map_conv", default="xla", choices=("xla", "patches"),
-                      help="experiment: compute convolutions on maps smaller than their "
-                           "kernel as patches x matrix (see patch_small_map_convs)")
+  parser.add_argument("--small_map_conv", default="auto", choices=("auto", "xla", "patches"),
+                      help="the models' small_map_conv setting (dett_jax.models.conv); "
+                           "auto: patches on CPU")
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--profile", action="store_true")
   parser.add_argument("--profile_steps", type=int, default=3)

@@ -30,6 +30,7 @@ from dett_jax.data.pipeline import (eval_batches, example_weights, train_batches
 from dett_jax.data.synthetic import SHAPES, make_pretraining_set
 from dett_jax.evaluation import accumulate, split_metrics
 from dett_jax.methods import METHODS, Method, get_method
+from dett_jax.models.conv import use_patches
 from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet, feature_channels
 from dett_jax.optimizers import make_optimizer
@@ -153,7 +154,13 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
 def resnet(config: ml_collections.ConfigDict, role: str, num_classes: int | None):
   """The ResNet of `config[role]` ("teacher" or "student") in the config's precision."""
   cfg = config[role]
-  return create_resnet(cfg.depth, num_classes, cfg.width, cfg.stem, dtype=compute_dtype(config))
+  return create_resnet(cfg.depth, num_classes, cfg.width, cfg.stem, dtype=compute_dtype(config),
+                       small_map_conv=small_map_conv(config))
+
+
+def small_map_conv(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.small_map_conv` ("auto": on CPU) computes small-map convs as dots."""
+  return use_patches(config.get("small_map_conv", "auto"))
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
@@ -373,7 +380,7 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
   if method.objective == "feature":
     model = resnet(config, "student", None)
     projector = Projector(config.distill.projector, t_channels, config.distill.projector_factor,
-                          dtype=compute_dtype(config))
+                          dtype=compute_dtype(config), small_map_conv=small_map_conv(config))
     backbone = with_new_head(pretrained_student, None, seed)
     s_shape = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(
         (1, config.data.image_size, config.data.image_size, 3)))["feature_map"], backbone)

@@ -90,6 +90,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   validate_data_config(config)
   _check(config.get("precision", "float32") in ("float32", "bfloat16"),
          f"precision={config.get('precision')!r}; choose float32 or bfloat16")
+  _check(config.get("small_map_conv", "auto") in ("auto", "patches", "xla"),
+         f"small_map_conv={config.get('small_map_conv')!r}; choose auto, patches or xla")
   try:
     parse_rules(config.mesh.get("strategy", "replicated"), tuple(config.mesh.get("rules", ())))
   except ValueError as e:

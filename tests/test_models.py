@@ -64,3 +64,48 @@ def test_align_spatial_pools_the_larger_map():
   assert float(pa[0, 0, 0, 0]) == pytest.approx((0 + 1 + 4 + 5) / 4)
   pb2, pa2 = align_spatial(b, a)
   assert pa2.shape == (1, 2, 2, 1)
+
+
+@pytest.mark.parametrize("size,kernel,strides,padding", [
+    (2, 3, 1, ((1, 1), (1, 1))),   # 3x3 on a 2x2 map
+    (4, 3, 2, ((1, 1), (1, 1))),   # strided onto a 2x2 map
+    (3, 3, 2, "SAME"),             # string padding, 2x2 output
+    (8, 3, 1, ((1, 1), (1, 1))),   # large map: lax's own path
+])
+def test_small_map_conv_equals_lax_conv_forward_and_backward(size, kernel, strides, padding):
+  from jax import lax
+  from dett_jax.models.conv import conv_general_dilated
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (3, size, size, 5))
+  w = jax.random.normal(kw, (kernel, kernel, 5, 7))
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def loss(fn, x, w):
+    y = fn(x, w, (strides, strides), padding, dimension_numbers=dn)
+    return jnp.sum(jnp.sin(y)), y
+
+  (l_ref, y_ref), g_ref = jax.value_and_grad(lambda *a: loss(lax.conv_general_dilated, *a),
+                                             argnums=(0, 1), has_aux=True)(x, w)
+  (l, y), g = jax.value_and_grad(lambda *a: loss(conv_general_dilated, *a),
+                                 argnums=(0, 1), has_aux=True)(x, w)
+  assert y.shape == y_ref.shape
+  assert jnp.allclose(y, y_ref, atol=1e-4, rtol=1e-4)
+  for a, b in zip(g, g_ref):
+    assert jnp.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_resnet_small_map_conv_same_function_and_parameters():
+  from dett_jax.models.conv import use_patches
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  plain = create_resnet(18, 3, width=0.0625, stem="imagenet")
+  patched = create_resnet(18, 3, width=0.0625, stem="imagenet", small_map_conv=True)
+  variables = plain.init(jax.random.key(0), x)
+  assert (jax.tree.structure(patched.init(jax.random.key(0), x))
+          == jax.tree.structure(variables))
+  a, b = plain.apply(variables, x), patched.apply(variables, x)
+  assert a["feature_map"].shape[1:3] == (2, 2)
+  assert jnp.allclose(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)
+  assert use_patches("patches") and not use_patches("xla")
+  assert use_patches("auto", "cpu") and not use_patches("auto", "gpu")
+  with pytest.raises(ValueError, match="small_map_conv"):
+    use_patches("fast")

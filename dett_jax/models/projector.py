@@ -8,6 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dett_jax.models import conv as conv_lib
+
 PROJECTORS = ("identity", "linear", "simkd", "simkd_dw")
 
 
@@ -33,12 +35,15 @@ class Projector(nn.Module):
   teacher_channels // factor) or "simkd_dw" (the same with a depthwise 3x3).
   dtype: activation/matmul dtype (e.g. bfloat16); parameters stay float32 and the
   output is float32, so the feature loss is computed in float32.
+  small_map_conv: 3x3 convolutions on maps smaller than 3x3 as patches x matrix
+  (see `dett_jax.models.conv`).
   """
 
   kind: str
   teacher_channels: int
   factor: int = 2
   dtype: Any = jnp.float32
+  small_map_conv: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -55,7 +60,9 @@ class Projector(nn.Module):
       raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                 dtype=self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype,
+        conv_general_dilated=conv_lib.conv_general_dilated if self.small_map_conv else None)
     mid = max(1, self.teacher_channels // self.factor)
     x = nn.relu(norm()(conv(mid, (1, 1))(x)))
     groups = mid if self.kind == "simkd_dw" else 1

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dett_jax.models import conv as conv_lib
+
 ModuleDef = Any
 # Symmetric padding of 1 for 3x3 windows, as torchvision pads (not "SAME", which pads
 # strided windows asymmetrically), so imported PyTorch weights compute the same function.
@@ -78,6 +80,8 @@ class ResNet(nn.Module):
     width: width multiplier; stage widths are round(64 * width * 2**i).
     stem: "imagenet" or "small" (one 3x3 stride-1 conv, no pooling; for 32-pixel images).
     dtype: activation/matmul dtype (parameters stay float32).
+    small_map_conv: compute convolutions on maps smaller than their kernel as patches x
+      matrix (`dett_jax.models.conv`; XLA:CPU's own path for them is ~10x slower).
   """
 
   stage_sizes: Sequence[int]
@@ -86,6 +90,7 @@ class ResNet(nn.Module):
   width: float = 1.0
   stem: str = "imagenet"
   dtype: Any = jnp.float32
+  small_map_conv: bool = False
 
   def setup_check(self) -> None:
     if self.stem not in ("imagenet", "small"):
@@ -95,7 +100,9 @@ class ResNet(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
     """Maps images `[batch, h, w, 3]` to feature map, pooled features and logits."""
     self.setup_check()
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype,
+        conv_general_dilated=conv_lib.conv_general_dilated if self.small_map_conv else None)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype)
@@ -129,7 +136,7 @@ STAGES: dict[int, tuple[tuple[int, ...], ModuleDef]] = {
 
 
 def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem: str = "imagenet",
-                  dtype: Any = jnp.float32) -> ResNet:
+                  dtype: Any = jnp.float32, small_map_conv: bool = False) -> ResNet:
   """Builds ResNet-`depth` (10, 18, 34 or 50)."""
   if depth not in STAGES:
     raise ValueError(f"model depth must be one of 10, 18, 34, 50; got {depth}")
@@ -139,7 +146,7 @@ def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem:
     raise ValueError(f"model width must be > 0; got {width}")
   stage_sizes, block_cls = STAGES[depth]
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
-                width=width, stem=stem, dtype=dtype)
+                width=width, stem=stem, dtype=dtype, small_map_conv=small_map_conv)
 
 
 def feature_channels(depth: int, width: float) -> int:
