@@ -10,6 +10,7 @@ variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or with
 `dett_jax/distributed.py`.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -29,6 +30,8 @@ flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes 
 flags.mark_flags_as_required(["config", "workdir"])
 EXIT_INTERRUPTED = 3  # stopped by SIGTERM/SIGINT or stop_after_steps, checkpointed; re-run to resume
 EXIT_DATA_ERROR = 4  # the data on disk cannot be used; the message names the file and the fix
+EXIT_DIVERGED = 5  # a non-finite loss or gradient (on_nonfinite=stop); names the last good checkpoint
+EXIT_STORAGE = 6  # the workdir or a checkpoint in it cannot be used; the message names the path
 
 
 def main(argv):
@@ -43,7 +46,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   from dett_jax.data import DataError
   from dett_jax.experiment import train_and_evaluate
-  from dett_jax.training.loop import Interrupted
+  from dett_jax.training.loop import CheckpointMismatch, Diverged, Interrupted
+  from dett_jax.validation import WorkdirError
   from dett_jax.validation import ConfigError
   logging.set_verbosity(logging.INFO)
   try:
@@ -56,7 +60,79 @@ def main(argv):
   except Interrupted as e:
     print(f"interrupted: {e}", file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
+  except Diverged as e:
+    print(f"diverged: {e}", file=sys.stderr)
+    sys.exit(EXIT_DIVERGED)
+  except (CheckpointMismatch, WorkdirError) as e:
+    print(f"storage error: {e}", file=sys.stderr)
+    sys.exit(EXIT_STORAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a --config that cannot be loaded or overridden is reported in
+  one line (ml_collections raises a long traceback for those) and exits with code 1."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.keys()  # ml_collections defers a missing file's error to the first access
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  # anything the config file raised
+    config_flag = not isinstance(e, flags.Error) or "config file" in str(e)
+    message = config_error(argv, e) if config_flag else str(e)
+    print(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help "
+          "on flags.", file=sys.stderr)
+    sys.exit(1)
+
+
+def config_error(argv: list[str], error: Exception) -> str:
+  """What is wrong with --config (or a --config.FIELD override), and the fix, in one line."""
+  import difflib
+  import importlib.machinery
+  import importlib.util
+  import ml_collections
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))), "")
+  for flag, value in zip(argv, argv[1:]):  # the `--config PATH` form
+    spec = value if flag in ("--config", "-config") else spec
+  path, _, arg = spec.partition(":")
+  example = "e.g. --config=configs/synthetic.py"
+  if not os.path.isfile(path):
+    return f"--config={spec}: no such file; give a Python file that defines get_config(), {example}"
+  try:  # load it again to see which step fails
+    loader = importlib.machinery.SourceFileLoader("config_check", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    what = (f"line {e.lineno}: {e.msg}" if isinstance(e, SyntaxError)
+            else (str(e).splitlines() or [""])[0])
+    return (f"--config={spec} is not a Python config file ({type(e).__name__}, {what}); "
+            f"give a .py file that defines get_config(), {example}")
+  if not callable(getattr(module, "get_config", None)):
+    return (f"--config={spec} defines no get_config() function; a config file is a .py "
+            f"file whose get_config() returns a ConfigDict, {example}")
+  try:
+    config = module.get_config(*([arg] if arg else []))
+  except Exception as e:  # pylint: disable=broad-except
+    return f"--config={spec}: get_config({repr(arg) if arg else ''}) raised {type(e).__name__}: {e}"
+  if not isinstance(config, ml_collections.ConfigDict):
+    return (f"--config={spec}: get_config() returned {type(config).__name__}, not a "
+            "ml_collections.ConfigDict")
+  for a in argv:  # the first override naming a field the config does not have
+    if not a.startswith(("--config.", "-config.")):
+      continue
+    field = a.split("=", 1)[0].split(".", 1)[1]
+    node, parts = config, field.split(".")
+    for i, part in enumerate(parts):
+      parent = ".".join(parts[:i]) or "the config"
+      if not isinstance(node, ml_collections.ConfigDict):
+        return (f"--config.{field}: {parent} is a value, not a group of fields; set it "
+                f"with --config.{parent}=VALUE")
+      if part not in node:
+        close = difflib.get_close_matches(part, list(node.keys()), n=1)
+        hint = f"did you mean {'.'.join(parts[:i] + close)}? " if close else ""
+        return (f"--config.{field}: {parent} has no field {part!r}; {hint}fields of "
+                f"{parent}: {', '.join(node.keys())}")
+      node = node[part]
+  return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

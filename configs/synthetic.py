@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = True
   config.log_every_steps = 20
   config.checkpoint_every_steps = 50
+  config.checkpoint_every_minutes = 0.0  # >0: also checkpoint after this much wall-clock time
+  config.keep_checkpoints = 2  # recent checkpoints kept per stage (each holds the best so far)
+  config.min_free_mb = 100  # refuse to start on a workdir disk with less free space
+  config.on_nonfinite = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
   config.stop_after_steps = 0  # >0: stop each stage after this many steps, as if preempted
 
   config.data = ml_collections.ConfigDict(dict(

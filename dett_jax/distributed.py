@@ -138,3 +138,14 @@ def to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(x, tiled=True)
 
   return jax.tree.map(one, tree)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process (a collective with several processes: every
+  process must call it at the same point; local in a single-process run). Used so that
+  all processes take the same decision, e.g. to stop after a SIGTERM one of them got."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
+  return bool(np.max(flags))

@@ -40,7 +40,7 @@ from dett_jax.teacher_cache import open_cache, write_cache
 from dett_jax.training.loop import FitSpec, MetricLogger, fit
 from dett_jax.training.steps import (Networks, create_state, jit_train_step,
                                      make_eval_step, make_train_step)
-from dett_jax.validation import check_workdir_config, validate_config
+from dett_jax.validation import check_workdir_config, check_workdir_writable, validate_config
 
 ERM = Method("erm", "ce", reweight=False, transplant=False)
 Tree = Any
@@ -146,7 +146,13 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=optim.epochs,
                  steps_per_epoch=steps_per_epoch, data=data, evaluate=evaluate_fn,
                  select_metric=select_metric, log_every_steps=config.log_every_steps,
-                 checkpoint_every_steps=config.checkpoint_every_steps, workers=ctx.workers,
+                 checkpoint_every_steps=config.checkpoint_every_steps,
+                 checkpoint_every_minutes=config.get("checkpoint_every_minutes", 0.0),
+                 keep_checkpoints=config.get("keep_checkpoints", 2),
+                 on_nonfinite=config.get("on_nonfinite", "stop"), workers=ctx.workers,
+                 signature={"method": method.name, "seed": seed, "batch_size": batch_size,
+                            "steps_per_epoch": steps_per_epoch,
+                            **{f"optim.{k}": v for k, v in optim.items()}},
                  stop_after_steps=config.get("stop_after_steps") or None)
   return fit(spec, state, step_fn, frozen, ctx.mesh, ctx.logger)
 
@@ -433,7 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every stage; writes results.json, report.md and groups.png; returns the results."""
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir_writable(workdir, config.get("min_free_mb", 100))  # every process: shared disk?
   check_workdir_config(config, workdir)
   mesh = make_mesh(config.mesh.data, config.mesh.get("model", 1))
   for field, size in batch_sizes(config).items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -22,11 +23,43 @@ from dett_jax.report import write_json_atomic
 # Fields that change how a run is watched, not what it computes: a workdir may be
 # re-run with other values of these (and with more or fewer student methods).
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "stop_after_steps",
+                     "checkpoint_every_minutes", "keep_checkpoints", "on_nonfinite", "min_free_mb",
                      "distill.methods", "eval_batch_size", "data.workers", "data.check_images")
 
 
 class ConfigError(ValueError):
   """A config field has a value that cannot work; the message names the field and the fix."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be created or written, or its disk is (nearly) full."""
+
+
+def check_workdir_writable(workdir: str, min_free_mb: float) -> None:
+  """Fails early, naming the path and the fix, when `workdir` cannot hold the run's files:
+  it cannot be created, a file cannot be written in it, or its disk has less than
+  `min_free_mb` MB free. Writes nothing but a probe file it removes again."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create workdir {workdir}: {e.strerror or e}; choose a writable "
+                       "--workdir") from None
+  probe = os.path.join(workdir, f".write_probe_{jax.process_index()}_{os.getpid()}")
+  try:
+    with open(probe, "wb") as f:
+      f.write(b"0" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    raise WorkdirError(f"cannot write to workdir {workdir}: {e.strerror or e}; fix its "
+                       "permissions or free space, or choose another --workdir") from None
+  finally:
+    if os.path.exists(probe):
+      os.remove(probe)
+  free_mb = shutil.disk_usage(workdir).free / 2**20
+  if free_mb < min_free_mb:
+    raise WorkdirError(f"workdir {workdir} has {free_mb:.0f} MB free, less than min_free_mb="
+                       f"{min_free_mb:g}; free some space or choose another --workdir")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -90,6 +123,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   validate_data_config(config)
   _check(config.get("precision", "float32") in ("float32", "bfloat16"),
          f"precision={config.get('precision')!r}; choose float32 or bfloat16")
+  _check(config.get("on_nonfinite", "stop") in ("stop", "skip"),
+         f"on_nonfinite={config.get('on_nonfinite')!r}; choose stop or skip")
+  _check(config.get("keep_checkpoints", 2) >= 1,
+         f"keep_checkpoints={config.get('keep_checkpoints')} must be >= 1")
+  _check(config.get("checkpoint_every_minutes", 0.0) >= 0,
+         f"checkpoint_every_minutes={config.get('checkpoint_every_minutes')} must be >= 0 "
+         "(0: off)")
   _check(config.get("small_map_conv", "auto") in ("auto", "patches", "xla"),
          f"small_map_conv={config.get('small_map_conv')!r}; choose auto, patches or xla")
   try:

@@ -118,9 +118,20 @@ def method_loss(method: Method, student: dict, teacher: dict | None, batch: Batc
   return loss, parts
 
 
+def _all_finite(tree: Tree) -> jnp.ndarray:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransformation,
                     config: Any) -> Callable:
-  """Returns `step(state, batch, frozen) -> (state, metrics)` (pure; jit it with shardings)."""
+  """Returns `step(state, batch, frozen) -> (state, metrics)` (pure; jit it with shardings).
+
+  `metrics` holds `loss`, `train_acc`, `grad_norm`, the loss parts, and the flags
+  `nonfinite_loss` / `nonfinite_grad` (1.0 when this batch's loss / a gradient is NaN or
+  infinite; the update is then not applied: parameters, BatchNorm statistics and
+  optimizer state stay as they were).
+  """
 
   def step(state: TrainState, batch: Batch, frozen: Tree) -> tuple[TrainState, dict]:
     teacher = (teacher_outputs(networks, frozen, batch["image"], batch) if method.uses_teacher
@@ -136,10 +147,21 @@ def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransf
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
+    grad_norm = optax.global_norm(grads)
+    loss_ok, grad_ok = jnp.isfinite(loss), _all_finite(grads)
     metrics = {"loss": loss, "train_acc": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
-               "grad_norm": optax.global_norm(grads), **parts}
+               "grad_norm": grad_norm, **parts,
+               "nonfinite_loss": 1.0 - loss_ok.astype(jnp.float32),
+               "nonfinite_grad": 1.0 - grad_ok.astype(jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state)
+    # Divergence guard: a step with a non-finite loss or gradient changes nothing but
+    # the step counter (the loop stops the run, or counts the skip; see training.loop).
+    ok = loss_ok & grad_ok
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = new_state.replace(params=keep(new_state.params, state.params),
+                                  batch_stats=keep(new_state.batch_stats, state.batch_stats),
+                                  opt_state=keep(new_state.opt_state, state.opt_state))
     return new_state, metrics
 
   return step
