@@ -107,6 +107,11 @@ class CheckpointMismatch(ValueError):
   """A stage checkpoint written by a different config or model; the message names the fields."""
 
 
+def _now() -> float:
+  """Wall-clock seconds for time-based checkpoints (a function, so tests can drive it)."""
+  return time.time()
+
+
 def _variables(state: TrainState) -> dict[str, Any]:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -233,7 +238,7 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
   if restored is not None:
     state, best, meta = restored["state"], restored["best"], restored["meta"]
     meta.setdefault("skipped_steps", [])
-  last_save = {"time": time.time()}
+  last_save = {"time": _now()}
 
   def save(step: int) -> None:
     meta["step"], meta["signature"] = step, signature
@@ -241,7 +246,7 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
         meta=ocp.args.JsonSave(meta)), force=True)
-    last_save["time"] = time.time()
+    last_save["time"] = _now()
 
   def last_good() -> str:
     manager.wait_until_finished()
@@ -297,7 +302,7 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
           flush(pending)
           pending = []
           if spec.checkpoint_every_minutes and not periodic:  # every process decides alike
-            due = time.time() - last_save["time"] >= 60 * spec.checkpoint_every_minutes
+            due = _now() - last_save["time"] >= 60 * spec.checkpoint_every_minutes
             periodic = distributed.any_process(due) if several else due
         if epoch_end:
           epoch_done = step // spec.steps_per_epoch
