@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 
 def group_name(g: int, num_attrs: int = 2) -> str:
@@ -72,6 +73,9 @@ class GroupAccumulator:
     return {name: value.copy() for name, value in self._sums.items()}
 
 
+_WARNED_ABSENT: set[tuple[str, str]] = set()  # (split, absent groups) already warned about
+
+
 def group_accuracy_metrics(
     correct: np.ndarray,
     count: np.ndarray,
@@ -82,8 +86,8 @@ def group_accuracy_metrics(
 ) -> dict[str, float]:
   """Per-group, worst-group, average and train-adjusted average accuracy.
 
-  Groups with count 0 in this split get no per-group key and are excluded from
-  the worst-group and adjusted averages.
+  Groups with count 0 in this split get no per-group key (never a 0 or 1) and are
+  excluded from the worst-group and adjusted averages; a warning names them.
 
   Args:
     correct: [G] number of correct predictions per group.
@@ -106,6 +110,14 @@ def group_accuracy_metrics(
   present = count > 0
   if not np.any(present):
     raise ValueError(f"No group occurs in split {split!r}.")
+  absent = ", ".join(group_name(g, num_attrs) for g in np.flatnonzero(~present))
+  if absent and (split, absent) not in _WARNED_ABSENT:  # once per split, not every epoch
+    _WARNED_ABSENT.add((split, absent))
+    logging.warning(
+        "The %s split has no examples of %s: their accuracy is absent from the results "
+        "(not 0 or 1), and %s/worst_group_acc and adj_avg_acc are over the %d groups "
+        "present only; add examples of every group to the split to evaluate all of them.",
+        split, absent, split, int(present.sum()))
   acc = np.where(present, correct / np.where(present, count, 1.0), 0.0)
   metrics: dict[str, float] = {}
   for g in np.flatnonzero(present):

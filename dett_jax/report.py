@@ -240,7 +240,8 @@ def write_report(results: Mapping[str, Any], workdir: str) -> None:
   groups = _groups_with_prefix(models, "test/acc/")
 
   parts = ["# DeTT results\n",
-           "Accuracies in percent; " + MISSING + " marks a missing metric.\n",
+           "Accuracies in percent; " + MISSING + " marks a missing metric (e.g. a group "
+           "absent from the split); worst group is the minimum over the groups present.\n",
            _main_table(models, groups)]
   diagnostics = _diagnostics_table(models)
   if diagnostics is not None:

@@ -122,3 +122,25 @@ def test_sharded_step_matches_single_device(method_name):
   assert den > 0 and num / den < 1e-4
   for a, b in zip(jax.tree.leaves(bs1), jax.tree.leaves(bs8)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_nonfinite_batch_is_flagged_and_changes_nothing_but_the_step_count():
+  method, networks, params, stats, frozen = setup("dett")
+  mesh = make_mesh(1)
+  tx = optax.adamw(1e-3)
+  state = replicate(create_state(params, stats, tx), mesh)
+  frozen = replicate(frozen, mesh)
+  step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, frozen)
+  bad = batch()
+  bad["image"][5, 3, 3, 1] = np.nan
+  before = jax.tree.map(np.array, (state.params, state.batch_stats, state.opt_state))
+  state, metrics = step(state, shard_batch(bad, mesh), frozen)
+  assert float(metrics["nonfinite_loss"]) == 1.0 and float(metrics["nonfinite_grad"]) == 1.0
+  after = jax.tree.map(np.array, (state.params, state.batch_stats, state.opt_state))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.step) == 1
+  state, metrics = step(state, shard_batch(batch(seed=1), mesh), frozen)
+  assert float(metrics["nonfinite_loss"]) == 0.0 and float(metrics["nonfinite_grad"]) == 0.0
+  assert any(not np.array_equal(a, np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(before[0]), jax.tree.leaves(state.params)))

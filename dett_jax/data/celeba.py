@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from dett_jax.data.images import FileImages, TfdsImages
-from dett_jax.data.metadata_csv import resolve_image_paths
+from dett_jax.data.metadata_csv import check_unique, resolve_image_paths
 from dett_jax.data.split import DataError, Split, check_splits
 
 ATTRIBUTES = (
@@ -75,6 +75,8 @@ def load_celeba_csv(root: str, *, target: str = "Blond_Hair", spurious: str = "M
   part_path = os.path.join(root, "list_eval_partition.csv")
   attrs = _read_csv(attr_path, ["image_id", target, spurious])
   parts = _read_csv(part_path, ["image_id", "partition"])
+  for path, rows in ((attr_path, attrs), (part_path, parts)):
+    check_unique([r["image_id"] for r in rows], list(range(2, len(rows) + 2)), path, "image_id")
   partition = {}
   for i, row in enumerate(parts):
     if row["partition"] not in ("0", "1", "2"):

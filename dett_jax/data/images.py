@@ -26,9 +26,16 @@ TRAIN_TRANSFORMS = ("pad_crop", "random_resized_crop", "none")
 
 
 def decode_file(path: str) -> np.ndarray:
-  """Decodes an image file to uint8 RGB `[h, w, 3]`; DataError naming the file if it cannot."""
+  """Decodes an image file to uint8 RGB `[h, w, 3]`; DataError naming the file if it cannot.
+
+  Grayscale, palette, CMYK and RGBA (alpha dropped) files become RGB; 16-bit grayscale is
+  scaled to 8 bits (PIL's own conversion would clip it to white).
+  """
   try:
     with Image.open(path) as img:
+      if img.mode == "I" or img.mode.startswith("I;16"):
+        gray = np.asarray(img).astype(np.float64) / 257.0  # 0..65535 -> 0..255
+        return np.repeat(np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None], 3, -1)
       return np.asarray(img.convert("RGB"))
   except FileNotFoundError:
     raise DataError(f"image file {path} does not exist") from None
@@ -63,7 +70,9 @@ class TfdsImages:
   def __getitem__(self, index: int) -> np.ndarray:
     image = np.asarray(self.source[int(index)]["image"])
     if image.ndim == 2:
-      image = np.repeat(image[..., None], 3, -1)
+      image = image[..., None]
+    if image.ndim == 3 and image.shape[-1] in (1, 4):  # grayscale, RGBA: to RGB
+      image = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image[..., :3]
     if image.ndim != 3 or image.shape[-1] != 3:
       raise DataError(f"{self.name} example {index}: image of shape {image.shape}, expected [h, w, 3]")
     return image.astype(np.uint8)

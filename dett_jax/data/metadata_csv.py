@@ -9,6 +9,7 @@ A folder holds `metadata.csv` and image files. Columns (others are ignored):
 
 Waterbirds ships exactly this (`img_id, img_filename, y, split, place,
 place_filename`; y 1 = waterbird, place 1 = water); groups are g = 2*y + place.
+Each `img_id` (when present) and each `img_filename` must appear once.
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ from dett_jax.data.split import DataError, Split, check_splits
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
-def read_metadata(path: str, attr_column: str = "place") -> dict[str, np.ndarray]:
-  """Parses a metadata.csv into arrays `filename`, `y`, `split`, `attr` (one row each)."""
+def read_metadata(path: str, attr_column: str = "place", num_classes: int = 0
+                  ) -> dict[str, np.ndarray]:
+  """Parses a metadata.csv into arrays `filename`, `y`, `split`, `attr` (one row each).
+
+  Every value is checked (DataError naming the file, line and column): integers, labels
+  in 0..num_classes-1 (0: any label >= 0), split codes 0/1/2, a binary attribute, and no
+  `img_id` or `img_filename` listed twice.
+  """
   if not os.path.isfile(path):
     raise DataError(f"{path} does not exist; data.root must be a folder holding metadata.csv "
                     "(columns img_filename, y, split, and the attribute column)")
@@ -39,8 +46,10 @@ def read_metadata(path: str, attr_column: str = "place") -> dict[str, np.ndarray
       raise DataError(f"{path} lacks the column(s) {', '.join(missing)} (it has: "
                       f"{', '.join(columns) or 'no header'}); a metadata.csv needs "
                       f"{', '.join(required)}")
-    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            for row in reader]
+    rows, lines = [], []  # lines: each row's line number in the file (blank lines skipped)
+    for row in reader:
+      rows.append({k.strip(): (v or "").strip() for k, v in row.items() if k is not None})
+      lines.append(reader.line_num)
   if not rows:
     raise DataError(f"{path} has a header but no rows")
   out = {"filename": np.array([r["img_filename"] for r in rows], dtype=object)}
@@ -52,19 +61,52 @@ def read_metadata(path: str, attr_column: str = "place") -> dict[str, np.ndarray
         if not number.is_integer():
           raise ValueError
         values[i] = int(number)
-      except ValueError:
-        raise DataError(f"{path} line {i + 2}: column {column} holds {row[column]!r}, "
+      except (ValueError, OverflowError):
+        raise DataError(f"{path} line {lines[i]}: column {column} holds {row[column]!r}, "
                         "not an integer") from None
     out[key] = values
+  bad = np.flatnonzero(out["y"] < 0)
+  if len(bad):
+    raise DataError(f"{path} line {lines[bad[0]]}: label y={out['y'][bad[0]]} is negative; "
+                    "labels are 0..num_classes-1")
+  if num_classes:
+    bad = np.flatnonzero(out["y"] >= num_classes)
+    if len(bad):
+      raise DataError(f"{path} line {lines[bad[0]]}: label y={out['y'][bad[0]]} is outside the "
+                      f"class range 0..{num_classes - 1} (data.num_classes); fix the label or "
+                      "raise data.num_classes")
   bad = np.flatnonzero(~np.isin(out["split"], list(SPLIT_CODES.values())))
   if len(bad):
-    raise DataError(f"{path} line {bad[0] + 2}: split {out['split'][bad[0]]} is not 0 (train), "
-                    "1 (val) or 2 (test)")
+    raise DataError(f"{path} line {lines[bad[0]]}: split {out['split'][bad[0]]} is not 0 "
+                    "(train), 1 (val) or 2 (test)")
   bad = np.flatnonzero(~np.isin(out["attr"], (0, 1)))
   if len(bad):
-    raise DataError(f"{path} line {bad[0] + 2}: the attribute column {attr_column} holds "
+    raise DataError(f"{path} line {lines[bad[0]]}: the attribute column {attr_column} holds "
                     f"{out['attr'][bad[0]]}; it must be binary, 0 or 1")
+  if "img_id" in columns:
+    check_unique([r["img_id"] for r in rows], lines, path, "img_id")
+  check_unique([os.path.normpath(r["img_filename"]) for r in rows], lines, path,
+               "img_filename", out["split"])
   return out
+
+
+def check_unique(values: list[str], lines: list[int], path: str, column: str,
+                 split: np.ndarray | None = None) -> None:
+  """DataError naming the value and both lines if `column` lists a value twice."""
+  first: dict[str, int] = {}
+  for i, value in enumerate(values):
+    if value not in first:
+      first[value] = i
+      continue
+    j = first[value]
+    where = ""
+    if split is not None and split[i] != split[j]:
+      names = {code: name for name, code in SPLIT_CODES.items()}
+      where = (f" (in the {names[int(split[j])]} and the {names[int(split[i])]} split: an "
+               "example would be both trained and evaluated on)")
+    raise DataError(f"{path}: {column} {value!r} appears on line {lines[j]} and again on line "
+                    f"{lines[i]}{where}; each example must be listed once, remove or rename "
+                    "one of the rows")
 
 
 def resolve_image_paths(root: str, filenames: np.ndarray, check_headers: bool = True) -> list[str]:
@@ -102,16 +144,7 @@ def load_metadata_folder(root: str, *, attr_column: str = "place", num_classes: 
     raise DataError("data.root is empty; give the data folder: --config.data.root=DIR")
   if not os.path.isdir(root):
     raise DataError(f"data.root={root!r} is not a folder")
-  meta = read_metadata(os.path.join(root, "metadata.csv"), attr_column)
-  if num_classes and meta["y"].max() >= num_classes:
-    bad = int(np.argmax(meta["y"] >= num_classes))
-    raise DataError(f"{os.path.join(root, 'metadata.csv')} line {bad + 2}: label y="
-                    f"{meta['y'][bad]} is outside the class range 0..{num_classes - 1} "
-                    "(data.num_classes); fix the label or raise data.num_classes")
-  if meta["y"].min() < 0:
-    bad = int(np.argmin(meta["y"]))
-    raise DataError(f"{os.path.join(root, 'metadata.csv')} line {bad + 2}: label y="
-                    f"{meta['y'][bad]} is negative; labels are 0..num_classes-1")
+  meta = read_metadata(os.path.join(root, "metadata.csv"), attr_column, num_classes)
   num_classes = num_classes or max(2, int(meta["y"].max()) + 1)
   paths = resolve_image_paths(root, meta["filename"], check_images)
   splits = {}
@@ -119,7 +152,7 @@ def load_metadata_folder(root: str, *, attr_column: str = "place", num_classes: 
     rows = np.flatnonzero(meta["split"] == code)
     splits[name] = Split(FileImages(os.path.realpath(root), [paths[i] for i in rows]),
                          meta["y"][rows].astype(np.int32), meta["attr"][rows].astype(np.int32),
-                         num_classes=num_classes, num_attrs=2)
+                         num_classes=num_classes, num_attrs=2, name=name)
   return check_splits(splits, os.path.join(root, "metadata.csv"))
 
 

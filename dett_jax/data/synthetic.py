@@ -123,7 +123,7 @@ def make_split(split: str, size: int, image_size: int, seed: int, class_shapes=(
   groups = groups[rng.permutation(len(groups))]
   labels, attrs = groups // 2, groups % 2
   images = render(np.asarray(class_shapes)[labels], attrs, image_size, rng, noise, faint)
-  return Split(images, labels.astype(np.int32), attrs.astype(np.int32))
+  return Split(images, labels.astype(np.int32), attrs.astype(np.int32), name=split)
 
 
 def make_pretraining_set(size: int, image_size: int, seed: int, noise: float = 0.05,
@@ -137,4 +137,4 @@ def make_pretraining_set(size: int, image_size: int, seed: int, noise: float = 0
   bgs = rng.integers(0, len(BACKGROUNDS), size)
   images = render(shapes, bgs, image_size, rng, noise, faint)
   return Split(images, shapes.astype(np.int32), bgs.astype(np.int32),
-               num_classes=len(SHAPES), num_attrs=len(BACKGROUNDS))
+               num_classes=len(SHAPES), num_attrs=len(BACKGROUNDS), name="pretraining")
