@@ -37,7 +37,8 @@ from dett_jax.optimizers import make_optimizer
 from dett_jax.report import write_json_atomic, write_report
 from dett_jax.sharding import make_mesh, place, replicate, shard_batch
 from dett_jax.teacher_cache import open_cache, write_cache
-from dett_jax.training.loop import FitSpec, MetricLogger, fit
+from dett_jax.training.loop import (FitSpec, Interrupted, MetricLogger, StopSignals, fit,
+                                    stop_requested)
 from dett_jax.training.steps import (Networks, create_state, jit_train_step,
                                      make_eval_step, make_train_step)
 from dett_jax.validation import check_workdir_config, check_workdir_writable, validate_config
@@ -193,6 +194,10 @@ def run_stage(ctx: Context, name: str, template: Tree | None, body) -> tuple[Tre
   """Runs `body() -> (variables, record)` unless the stage is done; loads its outputs if so."""
   stage_dir = ctx.stage_dir(name)
   record = stage_done(stage_dir)
+  received = stop_requested()
+  if distributed.any_process(received is not None) and record is None:  # all processes agree
+    raise Interrupted(f"stopped before stage {name} (signal {received}); re-run the same "
+                      "command to resume")
   if record is not None:
     logging.info("stage %s: done, loading its outputs", name)
     variables = None
@@ -453,7 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   methods = [get_method(m) for m in parse_methods(config.distill.methods)]
 
   try:
-    models = run_stages(ctx, methods)
+    with StopSignals():  # SIGTERM/SIGINT: finish the step or stage in progress, then stop
+      models = run_stages(ctx, methods)
   finally:  # flush TensorBoard events also when a stage is interrupted
     ctx.logger.close()
   results = {"config": config.to_dict(), "models": models}

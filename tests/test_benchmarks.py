@@ -161,3 +161,23 @@ def test_image_pipeline_benchmark_and_folder_generator(tmp_path):
   rows = json.load(open(report))["rows"]
   assert [r["workers"] for r in rows] == [0, 1] and all(r["images_per_s"] > 0 for r in rows)
   assert "| 1 |" in out.stdout
+
+
+def test_soak_kills_compares_and_reports(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import soak
+  # kill_once: SIGTERM reaches a running process after the delay; its exit code is kept
+  script = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (print('interrupted: stage teacher_erm "
+            "stopped at step 3 of 6 (signal 15); re-run'), sys.exit(3)))\n"
+            "time.sleep(30)\n")
+  log = str(tmp_path / "log")
+  code, where = soak.kill_once([sys.executable, "-u", "-c", script], dict(os.environ), 1.5, log)
+  assert code == 3 and where == "teacher_erm step 3 of 6 (checkpointed)"
+  code, where = soak.kill_once([sys.executable, "-c", "pass"], dict(os.environ), 10.0, log)
+  assert code == 0  # finished before the kill
+  a = {"dett": {"metrics": {"test/avg_acc": 0.5, "val/avg_acc": 0.25}}}
+  assert soak.compare(a, json.loads(json.dumps(a))) == []
+  b = {"dett": {"metrics": {"test/avg_acc": 0.5, "val/avg_acc": 0.2500001}}}
+  assert soak.compare(a, b) == ["dett: val/avg_acc"]
+  assert soak.compare(a, {}) == ["dett: test/avg_acc, val/avg_acc"]

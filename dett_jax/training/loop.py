@@ -345,23 +345,44 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
 
 
 class StopSignals:
-  """While active, SIGTERM and SIGINT only set `received`: the loop finishes the
-  current step, checkpoints it and stops. Outside the main thread it does nothing."""
+  """While active, SIGTERM and SIGINT only record the signal: a training loop finishes the
+  current step, checkpoints it and stops; between stages, the next stage does not start
+  (see `stop_requested`). Nested uses share one record; the outermost installs the
+  handlers and restores the previous ones. Outside the main thread it does nothing."""
+
+  _depth = 0
+  _received: int | None = None
 
   def __init__(self):
-    self.received: int | None = None
     self._previous = {}
+    self._active = False
 
-  def _handle(self, signum, frame):
+  @staticmethod
+  def _handle(signum, frame):
     del frame
-    self.received = signum
+    StopSignals._received = signum
+
+  @property
+  def received(self) -> int | None:
+    return StopSignals._received if self._active else None
 
   def __enter__(self) -> "StopSignals":
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
+      self._active = True
+      if StopSignals._depth == 0:
+        StopSignals._received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+          self._previous[sig] = signal.signal(sig, StopSignals._handle)
+      StopSignals._depth += 1
     return self
 
   def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+    if self._active:
+      StopSignals._depth -= 1
+      for sig, handler in self._previous.items():
+        signal.signal(sig, handler)
+
+
+def stop_requested() -> int | None:
+  """The SIGTERM/SIGINT received while a `StopSignals` is active (None: none)."""
+  return StopSignals._received if StopSignals._depth else None
