@@ -51,7 +51,11 @@ def main(argv):
   from dett_jax.validation import ConfigError
   logging.set_verbosity(logging.INFO)
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if "sweep" in FLAGS.config:  # an ablation config (configs/ablation.py)
+      from dett_jax.sweep import run_sweep
+      run_sweep(FLAGS.config, FLAGS.workdir)
+    else:
+      train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   except DataError as e:

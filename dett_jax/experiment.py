@@ -325,16 +325,23 @@ def teacher_dfr(ctx: Context, erm_variables: Tree) -> tuple[Tree, dict]:
   return run_stage(ctx, "teacher_dfr", template, body)
 
 
-def identification(ctx: Context, pretrained_student: Tree) -> dict:
-  """ERM model of the student's architecture trained T_id epochs; its training errors."""
+def identification(ctx: Context, pretrained_student: Tree, epochs: int | None = None) -> dict:
+  """ERM model of the student's architecture trained T_id epochs (`epochs`, default
+  `identification.epochs`); its training errors. Another T_id is its own stage,
+  `identification_T<epochs>` (sweeps)."""
   config = ctx.config
   train = ctx.splits["train"]
+  optim = config.identification
+  stage = "identification"
+  if epochs is not None and epochs != optim.epochs:
+    optim = ml_collections.ConfigDict({**optim.to_dict(), "epochs": int(epochs)})
+    stage = f"identification_T{int(epochs)}"
   model = resnet(config, "student", train.num_classes)
   initial = with_new_head(pretrained_student, model.num_classes, config.seed * 1000 + 4)
 
   def body():
-    variables, _ = train_model(ctx, "identification", erm_networks(model), ERM, wrap(initial), {},
-                               train, config.identification, seed_offset=4)
+    variables, _ = train_model(ctx, stage, erm_networks(model), ERM, wrap(initial), {},
+                               train, optim, seed_offset=4)
     pred = per_example(ctx, lambda v, x: jnp.argmax(model.apply(v, x, train=False)["logits"], -1),
                        unwrap(variables), train)
     error_set = np.flatnonzero(pred != train.labels)
@@ -342,19 +349,19 @@ def identification(ctx: Context, pretrained_student: Tree) -> dict:
         "error_set": error_set.tolist(),
         "size": int(len(error_set)),
         "train_size": len(train),
-        "settings": {"T_id": config.identification.epochs, "depth": config.student.depth,
+        "settings": {"T_id": optim.epochs, "depth": config.student.depth,
                      "width": config.student.width, "seed": config.seed,
-                     "learning_rate": config.identification.learning_rate},
+                     "learning_rate": optim.learning_rate},
         # Diagnostics only (group labels are never used by the methods).
         "error_set_group_counts": np.bincount(train.groups[error_set],
                                               minlength=train.num_groups).tolist(),
         "train_group_counts": train.group_counts().tolist(),
     }
     if distributed.is_primary():  # every process computed the same record; one writes it
-      write_json_atomic(os.path.join(ctx.stage_dir("identification"), "error_set.json"), record)
+      write_json_atomic(os.path.join(ctx.stage_dir(stage), "error_set.json"), record)
     return None, record
 
-  _, record = run_stage(ctx, "identification", None, body)
+  _, record = run_stage(ctx, stage, None, body)
   return record
 
 
@@ -379,13 +386,12 @@ def teacher_cache(ctx: Context, model, variables: Tree, head: Tree) -> dict[str,
   return cached
 
 
-def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars: Tree,
-            teacher_head: Tree, error_set: np.ndarray) -> dict:
-  """Trains and evaluates the student of `method`; returns its results entry."""
-  config, train = ctx.config, ctx.splits["train"]
-  name = f"student_{method.name}"
-  seed_offset = 10 + list(METHODS).index(method.name)
-  seed = config.seed * 1000 + seed_offset
+def student_setup(ctx: Context, method: Method, config: ml_collections.ConfigDict,
+                  pretrained_student: Tree, teacher_vars: Tree, teacher_head: Tree,
+                  seed: int) -> tuple[Networks, Tree, Tree]:
+  """(networks, initial variables, frozen tree) of `method`'s student under `config`
+  (projector, precision); `seed` initialises what is not pretrained (projector, head)."""
+  train = ctx.splits["train"]
   teacher_model = resnet(config, "teacher", train.num_classes)
   t_channels = feature_channels(config.teacher.depth, config.teacher.width)
   if method.objective == "feature":
@@ -409,6 +415,19 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
   frozen = {"teacher": teacher_vars, "teacher_head": teacher_head}
   if method.transplant:
     frozen["head"] = teacher_head
+  return networks, variables, frozen
+
+
+def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars: Tree,
+            teacher_head: Tree, error_set: np.ndarray) -> dict:
+  """Trains and evaluates the student of `method`; returns its results entry."""
+  config, train = ctx.config, ctx.splits["train"]
+  name = f"student_{method.name}"
+  seed_offset = 10 + list(METHODS).index(method.name)
+  seed = config.seed * 1000 + seed_offset
+  networks, variables, frozen = student_setup(ctx, method, config, pretrained_student,
+                                              teacher_vars, teacher_head, seed)
+  teacher_model = networks.teacher
   eval_step = jax.jit(make_eval_step(networks, method, train.num_groups))
   select_step = jax.jit(make_eval_step(networks, method, train.num_groups, diagnostics=False))
 
@@ -440,8 +459,8 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
 # The whole pipeline.
 # ---------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs every stage; writes results.json, report.md and groups.png; returns the results."""
+def setup_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  """Checks the config and workdir, builds the mesh and loads the data."""
   validate_config(config)
   workdir = os.path.abspath(workdir)
   check_workdir_writable(workdir, config.get("min_free_mb", 100))  # every process: shared disk?
@@ -455,6 +474,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 Preprocess.from_config(config.data))
   logging.info("mesh %s over %d devices; train group counts %s", dict(mesh.shape),
                mesh.devices.size, ctx.train_counts.tolist())
+  return ctx
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every stage; writes results.json, report.md and groups.png; returns the results."""
+  ctx = setup_context(config, workdir)
+  workdir = ctx.workdir
   methods = [get_method(m) for m in parse_methods(config.distill.methods)]
 
   try:

@@ -257,9 +257,10 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
   def flush(pending: list) -> None:
     """Logs the pending steps' mean metrics; stops or counts non-finite steps."""
     host = jax.device_get([m for _, m in pending])
-    for (index, _), m in zip(pending, host):
-      if m["nonfinite_loss"] or m["nonfinite_grad"]:
-        what = ("loss" if m["nonfinite_loss"] else "gradient") + (
+    bad = lambda m: bool(np.any(m["nonfinite_loss"]) or np.any(m["nonfinite_grad"]))
+    for (index, _), m in zip(pending, host):  # metrics may be [k] (stacked sweep variants)
+      if bad(m):
+        what = ("loss" if np.any(m["nonfinite_loss"]) else "gradient") + (
             f" (loss={m['loss']}, grad_norm={m['grad_norm']})")
         if spec.on_nonfinite == "stop":
           raise Diverged(f"stage {spec.name}: non-finite {what} at step {index + 1} of "
@@ -268,7 +269,7 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
                          "on_nonfinite=skip to skip such steps")
         meta["skipped_steps"].append(index + 1)
         logging.warning("stage %s: step %d skipped: non-finite %s", spec.name, index + 1, what)
-    finite = [m for m in host if not (m["nonfinite_loss"] or m["nonfinite_grad"])] or host
+    finite = [m for m in host if not bad(m)] or host
     mean = {k: float(np.mean([m[k] for m in finite])) for k in host[0]
             if not k.startswith("nonfinite_")}
     mean["steps_per_sec"] = len(host) / max(time.time() - clock["start"], 1e-9)

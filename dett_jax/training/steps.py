@@ -123,6 +123,44 @@ def _all_finite(tree: Tree) -> jnp.ndarray:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def train_update(networks: Networks, method: Method, tx: optax.GradientTransformation,
+                 config: Any, state: TrainState, batch: Batch, frozen: Tree,
+                 teacher: dict | None, lr_scale: jnp.ndarray | float | None = None
+                 ) -> tuple[TrainState, dict]:
+  """One optimizer step of the student given the teacher's outputs (None for methods
+  without a teacher). `lr_scale` multiplies the updates (a learning-rate factor, e.g. one
+  per stacked sweep variant). Returns (new state, metrics); see `make_train_step`."""
+
+  def loss_fn(params):
+    student, new_stats = student_outputs(networks, method, params, state.batch_stats, frozen,
+                                         batch["image"], train=True)
+    loss, parts = method_loss(method, student, teacher, batch, config)
+    return loss, (new_stats, parts, student["logits"])
+
+  (loss, (new_stats, parts, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if lr_scale is not None:
+    updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
+  params = optax.apply_updates(state.params, updates)
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
+  grad_norm = optax.global_norm(grads)
+  loss_ok, grad_ok = jnp.isfinite(loss), _all_finite(grads)
+  metrics = {"loss": loss, "train_acc": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
+             "grad_norm": grad_norm, **parts,
+             "nonfinite_loss": 1.0 - loss_ok.astype(jnp.float32),
+             "nonfinite_grad": 1.0 - grad_ok.astype(jnp.float32)}
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                            opt_state=opt_state)
+  # Divergence guard: a step with a non-finite loss or gradient changes nothing but
+  # the step counter (the loop stops the run, or counts the skip; see training.loop).
+  ok = loss_ok & grad_ok
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  new_state = new_state.replace(params=keep(new_state.params, state.params),
+                                batch_stats=keep(new_state.batch_stats, state.batch_stats),
+                                opt_state=keep(new_state.opt_state, state.opt_state))
+  return new_state, metrics
+
+
 def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransformation,
                     config: Any) -> Callable:
   """Returns `step(state, batch, frozen) -> (state, metrics)` (pure; jit it with shardings).
@@ -136,33 +174,34 @@ def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransf
   def step(state: TrainState, batch: Batch, frozen: Tree) -> tuple[TrainState, dict]:
     teacher = (teacher_outputs(networks, frozen, batch["image"], batch) if method.uses_teacher
                else None)
+    return train_update(networks, method, tx, config, state, batch, frozen, teacher)
 
-    def loss_fn(params):
-      student, new_stats = student_outputs(networks, method, params, state.batch_stats, frozen,
-                                           batch["image"], train=True)
-      loss, parts = method_loss(method, student, teacher, batch, config)
-      return loss, (new_stats, parts, student["logits"])
+  return step
 
-    (loss, (new_stats, parts, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
-    grad_norm = optax.global_norm(grads)
-    loss_ok, grad_ok = jnp.isfinite(loss), _all_finite(grads)
-    metrics = {"loss": loss, "train_acc": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
-               "grad_norm": grad_norm, **parts,
-               "nonfinite_loss": 1.0 - loss_ok.astype(jnp.float32),
-               "nonfinite_grad": 1.0 - grad_ok.astype(jnp.float32)}
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state)
-    # Divergence guard: a step with a non-finite loss or gradient changes nothing but
-    # the step counter (the loop stops the run, or counts the skip; see training.loop).
-    ok = loss_ok & grad_ok
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = new_state.replace(params=keep(new_state.params, state.params),
-                                  batch_stats=keep(new_state.batch_stats, state.batch_stats),
-                                  opt_state=keep(new_state.opt_state, state.opt_state))
-    return new_state, metrics
+
+def make_stacked_train_step(networks: Networks, method: Method,
+                            tx: optax.GradientTransformation, config: Any) -> Callable:
+  """Returns `step(states, batch, frozen) -> (states, metrics)` training k variants at once.
+
+  `states` is a `TrainState` whose leaves have a leading variant axis `[k, ...]` (same
+  shapes, e.g. different seeds); `frozen["variants"]` holds per-variant scalars:
+  `weights` `[k, n]` (each variant's weight of every training example, gathered with
+  `batch["index"]`: lambda_up and the error set may differ) and `lr_scale` `[k]`.
+  The teacher runs once per batch for all variants; the update is `jax.vmap`-ed, so one
+  compiled step trains every variant. Metrics have a leading `[k]` axis.
+  """
+
+  def step(states: TrainState, batch: Batch, frozen: Tree) -> tuple[TrainState, dict]:
+    teacher = (teacher_outputs(networks, frozen, batch["image"], batch) if method.uses_teacher
+               else None)
+    shared = {k: v for k, v in frozen.items() if k != "variants"}
+
+    def one(state, weights, lr_scale):
+      return train_update(networks, method, tx, config, state,
+                          dict(batch, weight=weights[batch["index"]]), shared, teacher, lr_scale)
+
+    v = frozen["variants"]
+    return jax.vmap(one)(states, v["weights"], v["lr_scale"])
 
   return step
 

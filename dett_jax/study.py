@@ -1,0 +1,393 @@
+"""Study report of an ablation sweep (student variants x seeds).
+
+`write_study(runs, axes, workdir)` aggregates one results dict per trained run,
+
+  {"name": "simkd_l5_s0", "variant": {"projector": "simkd", "lambda_up": 5},
+   "seed": 0, "metrics": {"val/worst_group_acc": 0.81, "test/avg_acc": ..., ...}}
+
+into study.json (per-variant and per-axis mean/std over seeds), study.md
+(tables in percent) and study.png (worst-group accuracy against each axis).
+Metric keys follow `dett_jax.metrics.group_accuracy_metrics`. A missing (None
+or NaN) metric is absent: it is left out of n, means and stds, never a 0. The
+best variant is picked on validation worst-group accuracy only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dett_jax.report import (MISSING, _replace_atomic, _to_builtin,
+                             _write_text_atomic, format_percent, format_table,
+                             write_json_atomic)
+
+SPLITS = ("val", "test")
+KINDS = ("worst_group_acc", "avg_acc", "adj_avg_acc")
+METRICS = tuple(f"{split}/{kind}" for split in SPLITS for kind in KINDS)
+_LABELS = {"worst_group_acc": "worst group", "avg_acc": "average",
+           "adj_avg_acc": "adjusted average"}
+
+SELECTION = ("The best variant is the one with the highest mean validation "
+             "worst-group accuracy over seeds (ties: higher mean validation "
+             "average accuracy, then the first in sweep order); test metrics "
+             "are never used to select.")
+
+_TIE_TOL = 1e-12
+
+
+def _builtin(value: Any) -> Any:
+  """Numpy/jax scalars -> Python scalars; other values unchanged."""
+  if isinstance(value, (str, bool, int, float)) or value is None:
+    return value
+  try:
+    return _to_builtin(value)
+  except TypeError:
+    return value
+
+
+def _value_key(value: Any, where: str) -> tuple[str, Any]:
+  """Type-aware identity of an axis value (True != 1, but 5 == 5.0)."""
+  value = _builtin(value)
+  if isinstance(value, bool):
+    return ("bool", value)
+  if isinstance(value, (int, float)):
+    if not math.isfinite(value):
+      raise ValueError(f"{where}: axis value {value!r} is not finite.")
+    return ("num", float(value))
+  if isinstance(value, str):
+    return ("str", value)
+  raise ValueError(f"{where}: axis value {value!r} has type "
+                   f"{type(value).__name__}; expected str, int, float or bool.")
+
+
+def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
+  """The metric as a float, or None when absent (missing, None, NaN, inf)."""
+  value = _builtin(metrics.get(key))
+  if value is None or isinstance(value, bool):
+    return None
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    return None
+  return value if math.isfinite(value) else None
+
+
+def _clean(obj: Any) -> Any:
+  """Deep copy with builtin scalars and non-finite floats as None (valid JSON)."""
+  if isinstance(obj, Mapping):
+    return {str(k): _clean(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_clean(v) for v in obj]
+  obj = _builtin(obj)
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def _summary(values: Sequence[float | None]) -> dict[str, Any]:
+  """{"mean", "std" (ddof=0), "n"} over the present values; None if none."""
+  present = np.asarray([v for v in values if v is not None], dtype=np.float64)
+  if present.size == 0:
+    return {"mean": None, "std": None, "n": 0}
+  return {"mean": float(present.mean()), "std": float(present.std()),
+          "n": int(present.size)}
+
+
+def _summaries(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  return {key: _summary([_metric(r.get("metrics") or {}, key) for r in runs])
+          for key in METRICS}
+
+
+def _label(variant: Mapping[str, Any]) -> str:
+  if not variant:
+    return "(all runs)"
+  return ", ".join(f"{axis}={value}" for axis, value in variant.items())
+
+
+def _validate_axes(axes: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+  if not isinstance(axes, Mapping):
+    raise ValueError(f"axes must be a dict axis -> list of values, got "
+                     f"{type(axes).__name__}.")
+  clean: dict[str, list[Any]] = {}
+  for axis, values in axes.items():
+    if not isinstance(axis, str):
+      raise ValueError(f"Axis name {axis!r} must be a string.")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+      raise ValueError(f"axes[{axis!r}] must be a list of values, got "
+                       f"{values!r}.")
+    seen: dict[tuple[str, Any], Any] = {}
+    for value in values:
+      key = _value_key(value, f"axes[{axis!r}]")
+      if key in seen:
+        raise ValueError(f"axes[{axis!r}] lists {value!r} twice "
+                         f"(as {seen[key]!r} and {value!r}).")
+      seen[key] = value
+    clean[axis] = [_builtin(v) for v in values]
+  return clean
+
+
+def _canonical_variant(run: Any, index: int,
+                       axes: Mapping[str, list[Any]]) -> dict[str, Any]:
+  """The run's variant with each value replaced by its entry in `axes`."""
+  if not isinstance(run, Mapping):
+    raise ValueError(f"runs[{index}] must be a dict, got {type(run).__name__}.")
+  where = f"runs[{index}] ({run.get('name', 'unnamed')!r})"
+  variant = run.get("variant", {})
+  if not isinstance(variant, Mapping):
+    raise ValueError(f"{where}: 'variant' must be a dict axis -> value, got "
+                     f"{variant!r}.")
+  unknown = [axis for axis in variant if axis not in axes]
+  if unknown:
+    raise ValueError(f"{where}: variant has axes {unknown} that are not in "
+                     f"axes (known: {list(axes)}).")
+  canonical = {}
+  for axis in axes:  # Axis order, not the run's key order.
+    if axis not in variant:
+      continue
+    key = _value_key(variant[axis], where)
+    matches = [v for v in axes[axis] if _value_key(v, where) == key]
+    if not matches:
+      raise ValueError(f"{where}: value {variant[axis]!r} of axis {axis!r} is "
+                       f"not one of axes[{axis!r}] = {axes[axis]!r}.")
+    canonical[axis] = matches[0]
+  return canonical
+
+
+def _sort_key(variant: Mapping[str, Any],
+              axes: Mapping[str, list[Any]]) -> tuple[int, ...]:
+  """Sweep order: by each axis's value index; a missing axis sorts last."""
+  key = []
+  for axis, values in axes.items():
+    if axis in variant:
+      key.append(next(i for i, v in enumerate(values)
+                      if _value_key(v, axis) == _value_key(variant[axis], axis)))
+    else:
+      key.append(len(values))
+  return tuple(key)
+
+
+def _pick_best(variants: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+  """Highest mean val worst-group acc; ties: higher mean val avg acc, then first."""
+  def score(v: Mapping[str, Any], key: str) -> float:
+    mean = v["metrics"][key]["mean"]
+    return -math.inf if mean is None else mean
+
+  candidates = [v for v in variants
+                if v["metrics"]["val/worst_group_acc"]["mean"] is not None]
+  for key in ("val/worst_group_acc", "val/avg_acc"):
+    if not candidates:
+      return None
+    top = max(score(v, key) for v in candidates)
+    candidates = [v for v in candidates if score(v, key) >= top - _TIE_TOL]
+  return dict(candidates[0]) if candidates else None
+
+
+def build_study(runs: Sequence[Mapping[str, Any]],
+                axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+  """The study dict of `write_study` (validates input; writes nothing)."""
+  axes = _validate_axes(axes)
+  if not isinstance(runs, Sequence) or isinstance(runs, (str, bytes)):
+    raise ValueError(f"runs must be a list of run dicts, got "
+                     f"{type(runs).__name__}.")
+  if not runs:
+    raise ValueError("runs is empty: a study needs at least one run.")
+
+  clean_runs = []
+  groups: dict[tuple, list[dict[str, Any]]] = {}
+  for i, run in enumerate(runs):
+    variant = _canonical_variant(run, i, axes)
+    where = f"runs[{i}] ({run.get('name', 'unnamed')!r})"
+    seed = _builtin(run.get("seed"))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+      raise ValueError(f"{where}: 'seed' must be an int, got {seed!r}.")
+    metrics = run.get("metrics", {})
+    if metrics is None:
+      metrics = {}
+    if not isinstance(metrics, Mapping):
+      raise ValueError(f"{where}: 'metrics' must be a dict, got {metrics!r}.")
+    clean = _clean(dict(run))
+    clean.update(variant=_clean(variant), seed=seed, metrics=_clean(metrics))
+    key = tuple((axis, _value_key(value, where))
+                for axis, value in variant.items())
+    for other in groups.get(key, []):
+      if other["seed"] == seed:
+        raise ValueError(
+            f"{where}: variant {_label(variant)} with seed {seed} occurs "
+            f"twice (also as {other.get('name', 'unnamed')!r}); each "
+            "(variant, seed) pair must be one run.")
+    groups.setdefault(key, []).append(clean)
+    clean_runs.append(clean)
+
+  variants = []
+  for members in groups.values():
+    variant = members[0]["variant"]
+    variants.append({
+        "variant": variant,
+        "label": _label(variant),
+        "seeds": sorted(r["seed"] for r in members),
+        "runs": [r.get("name") for r in members],
+        "metrics": _summaries(members),
+    })
+  variants.sort(key=lambda v: _sort_key(v["variant"], axes))
+
+  per_axis: dict[str, list[dict[str, Any]]] = {}
+  for axis, values in axes.items():
+    rows = []
+    for value in values:
+      vkey = _value_key(value, axis)
+      members = [r for r in clean_runs if axis in r["variant"]
+                 and _value_key(r["variant"][axis], axis) == vkey]
+      rows.append({"value": value, "n_runs": len(members),
+                   "metrics": _summaries(members)})
+    per_axis[axis] = rows
+
+  return {"axes": axes, "runs": clean_runs, "per_axis": per_axis,
+          "variants": variants, "best": _pick_best(variants),
+          "selection": SELECTION}
+
+
+def _mean_std(summary: Mapping[str, Any], total: int | None = None) -> str:
+  """"81.3 ± 2.1" in percent; "—" if absent; "(n=k)" if only k of total."""
+  if summary["mean"] is None:
+    return MISSING
+  text = f"{format_percent(summary['mean'])} ± {format_percent(summary['std'])}"
+  if total is not None and summary["n"] < total:
+    text += f" (n={summary['n']})"
+  return text
+
+
+def _best_line(best: Mapping[str, Any] | None) -> str:
+  if best is None:
+    return ("**Best variant:** none (no run has "
+            "val/worst_group_acc).\n")
+  m = best["metrics"]
+  seeds = ", ".join(str(s) for s in best["seeds"])
+  parts = [f"{split} {_LABELS[kind]} {_mean_std(m[f'{split}/{kind}'])}"
+           for split in SPLITS for kind in KINDS]
+  return (f"**Best variant:** {best['label']} (seeds {seeds}): "
+          + "; ".join(parts) + ".\n")
+
+
+def _axis_table(axis: str, rows: Sequence[Mapping[str, Any]]) -> str:
+  metric_columns = [f"{split} {_LABELS[kind]}" for split in SPLITS
+                    for kind in KINDS]
+  columns = [axis, "n runs"] + metric_columns
+  table_rows = []
+  for row in rows:
+    cells = {axis: str(row["value"]), "n runs": row["n_runs"]}
+    for key, column in zip(METRICS, metric_columns):
+      cells[column] = _mean_std(row["metrics"][key], row["n_runs"])
+    table_rows.append(cells)
+  return format_table(table_rows, columns)
+
+
+def _variants_table(variants: Sequence[Mapping[str, Any]],
+                    axes: Mapping[str, Any]) -> str:
+  columns = list(axes) + ["val worst group", "test worst group", "seeds"]
+  rows = []
+  for v in variants:
+    total = len(v["seeds"])
+    cells = {axis: str(v["variant"][axis]) if axis in v["variant"] else MISSING
+             for axis in axes}
+    cells["val worst group"] = _mean_std(v["metrics"]["val/worst_group_acc"],
+                                         total)
+    cells["test worst group"] = _mean_std(v["metrics"]["test/worst_group_acc"],
+                                          total)
+    cells["seeds"] = ", ".join(str(s) for s in v["seeds"])
+    rows.append(cells)
+  return format_table(rows, columns)
+
+
+def _markdown(study: Mapping[str, Any]) -> str:
+  parts = [
+      "# Ablation study\n",
+      f"{len(study['runs'])} runs, {len(study['variants'])} variants. "
+      "Accuracies in percent as mean ± std (population std, ddof=0) over "
+      f"seeds or runs; {MISSING} marks an absent metric, which is left out "
+      "of means and counts (n=k: only k runs have it).\n",
+      study["selection"] + "\n",
+      _best_line(study["best"]),
+  ]
+  for axis, rows in study["per_axis"].items():
+    parts += [f"## {axis}\n",
+              "Marginal over the other axes and seeds.\n",
+              _axis_table(axis, rows)]
+  parts += ["## All variants\n", _variants_table(study["variants"],
+                                                 study["axes"])]
+  parts.append("![worst-group accuracy per axis](study.png)\n")
+  return "\n".join(parts)
+
+
+def _series(summaries: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, ...]:
+  mean = [np.nan if s["mean"] is None else 100.0 * s["mean"]
+          for s in summaries]
+  std = [np.nan if s["std"] is None else 100.0 * s["std"] for s in summaries]
+  return np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+
+
+def _plot(study: Mapping[str, Any], path: str) -> None:
+  """One subplot per axis: mean ± std val and test worst-group accuracy."""
+  # pylint: disable=g-import-not-at-top
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  # pylint: enable=g-import-not-at-top
+
+  panels = [(axis, [str(r["value"]) for r in rows],
+             [r["metrics"] for r in rows])
+            for axis, rows in study["per_axis"].items()]
+  if not panels:  # No swept axis: a single panel over all runs.
+    panels = [("all runs", ["all"], [_summaries(study["runs"])])]
+  fig, subplots = plt.subplots(
+      1, len(panels), squeeze=False,
+      figsize=(sum(max(3.0, 0.9 * len(p[1]) + 1.5) for p in panels), 3.8))
+  try:
+    for ax, (axis, labels, metrics) in zip(subplots[0], panels):
+      x = np.arange(len(labels), dtype=np.float64)
+      for offset, split, marker in ((-0.08, "val", "o"), (0.08, "test", "s")):
+        mean, std = _series([m[f"{split}/worst_group_acc"] for m in metrics])
+        ax.errorbar(x + offset, mean, yerr=std, fmt=marker, capsize=4,
+                    label=split)
+      ax.set_xticks(x)
+      ax.set_xticklabels(labels)
+      ax.set_xlim(-0.5, len(labels) - 0.5)
+      ax.set_xlabel(axis)
+      ax.set_ylabel("worst-group accuracy (%)")
+      ax.set_title(axis)
+      ax.legend(fontsize="small")
+    fig.tight_layout()
+    _replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+  finally:
+    plt.close(fig)
+
+
+def write_study(runs: list[dict], axes: dict[str, list],
+                workdir: str) -> dict:
+  """Writes study.json, study.md and study.png under workdir; returns the study dict.
+
+  Args:
+    runs: one dict per trained run: {"name", "variant": {axis: value},
+      "seed": int, "metrics": {"val/worst_group_acc": x, ...}}. A variant may
+      leave out an axis (it then counts in no row of that axis).
+    axes: the swept axes and their values in order (seeds excluded).
+    workdir: output directory (created if missing).
+
+  Returns:
+    {"axes", "runs", "per_axis": {axis: [{"value", "n_runs", "metrics"}]},
+     "variants": [{"variant", "label", "seeds", "runs", "metrics"}], "best",
+     "selection"}, each "metrics" mapping a key of METRICS to {"mean", "std",
+     "n"} (fractions; None and n=0 when absent from every run).
+
+  Raises:
+    ValueError: empty `runs`, an axis or value not in `axes`, a non-int seed
+      or a (variant, seed) pair that occurs twice.
+  """
+  study = build_study(runs, axes)
+  os.makedirs(workdir, exist_ok=True)
+  write_json_atomic(os.path.join(workdir, "study.json"), study)
+  _write_text_atomic(os.path.join(workdir, "study.md"), _markdown(study))
+  _plot(study, os.path.join(workdir, "study.png"))
+  return study
