@@ -1,0 +1,120 @@
+"""Sweeps: axis products and groups, the stacked (vmapped) step equals separate steps,
+and a whole tiny sweep stacked equals the same sweep run variant by variant."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import load_config
+from dett_jax.data.pipeline import example_weights
+from dett_jax.methods import METHODS
+from dett_jax.optimizers import make_optimizer
+from dett_jax.sharding import make_mesh, replicate, shard_batch
+from dett_jax.sweep import (SweepError, group_variants, parse_subset, place_stacked, run_sweep,
+                            stack, variants)
+from dett_jax.training.steps import (create_state, jit_train_step, make_stacked_train_step,
+                                     make_train_step)
+from test_steps import LOSS_CONFIG, batch, setup
+
+
+def test_variants_product_subset_and_groups():
+  axes = {"projector": ("linear", "simkd"), "lambda_up": (1, 5), "seed": (0, 1, 2)}
+  all_variants = variants(axes)
+  assert len(all_variants) == 12 and all_variants[0] == {"projector": "linear", "lambda_up": 1, "seed": 0}
+  subset = parse_subset("projector=simkd; seed=0,2")
+  assert subset == {"projector": ["simkd"], "seed": [0, 2]}
+  some = variants(axes, subset)
+  assert len(some) == 4 and all(v["projector"] == "simkd" and v["seed"] != 1 for v in some)
+  # loss weights: lambda_up and seeds stack; one group per projector
+  groups = group_variants(all_variants, "loss_weight")
+  assert [len(g) for g in groups] == [6, 6]
+  # upsampling changes the data: lambda_up splits the groups
+  assert [len(g) for g in group_variants(all_variants, "upsample")] == [3, 3, 3, 3]
+  assert [len(g) for g in group_variants(all_variants, "loss_weight", stack=False)] == [1] * 12
+  with pytest.raises(SweepError, match="unknown axis 'width'"):
+    variants({"width": (1, 2)})
+  with pytest.raises(SweepError, match=r"projector=\['pooled'\] not among"):
+    variants(axes, {"projector": ["pooled"]})
+
+
+def test_sharding_the_variant_axis_is_refused(tmp_path):
+  config = load_config("ablation", "tiny")
+  config.sweep.mesh_axis = "model"
+  with pytest.raises(SweepError, match="mesh_axis='model'.*not supported"):
+    run_sweep(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []  # refused before anything is written
+
+
+def test_stacked_step_equals_separate_steps(mesh_shape=(8, 1), axis=None):
+  """3 variants (seed, lambda_up, learning rate differ) in one vmapped step vs 3 steps."""
+  method = METHODS["dett"]
+  mesh = make_mesh(*mesh_shape)
+  optim = load_config("synthetic").distill.optim  # AdamW with warmup + cosine
+  optim.update(learning_rate=1e-3, epochs=1)
+  n, error_set = 64, np.array([1, 5, 9, 33, 40])
+  lambdas, lr_scales, seeds = (1.0, 5.0, 20.0), (1.0, 0.5, 2.0), (0, 1, 2)
+  k = 2 if axis else 3  # the stacked axis must divide the mesh axis when sharded
+  runs = [jax.tree.map(np.asarray, setup("dett", seed=s)) for s in seeds[:k]]  # host copies: steps donate
+  networks, frozen = runs[0][1], runs[0][4]
+  batches = [batch(n=16, seed=i) for i in range(3)]
+  for i, b in enumerate(batches):
+    b["index"] = (np.arange(16) + 16 * i).astype(np.int32)
+  weights = np.stack([example_weights(n, error_set, lam) for lam in lambdas[:k]])
+
+  # separate: each variant with its own optimizer (learning rate scaled) and weights
+  separate = []
+  for j in range(k):
+    tx = make_optimizer(ml_collections.ConfigDict(
+        {**optim.to_dict(), "learning_rate": optim.learning_rate * lr_scales[j]}), 10, 16)
+    state = replicate(create_state(runs[j][2], runs[j][3], tx), mesh)
+    f = replicate(frozen, mesh)
+    step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, f)
+    losses = []
+    for b in batches:
+      state, m = step(state, shard_batch(dict(b, weight=weights[j][b["index"]]), mesh), f)
+      losses.append(float(m["loss"]))
+    separate.append((losses, state))
+
+  tx = make_optimizer(optim, 10, 16)
+  states = place_stacked(stack([create_state(r[2], r[3], tx) for r in runs]), mesh, axis)
+  f = replicate({**frozen, "variants": {"weights": weights,
+                                        "lr_scale": np.array(lr_scales[:k], np.float32)}}, mesh)
+  step = jit_train_step(make_stacked_train_step(networks, method, tx, LOSS_CONFIG), mesh, states, f)
+  stacked_losses = []
+  for b in batches:
+    states, m = step(states, shard_batch(b, mesh), f)
+    assert m["loss"].shape == (k,)
+    stacked_losses.append(np.asarray(m["loss"]))
+  for j in range(k):
+    np.testing.assert_allclose([l[j] for l in stacked_losses], separate[j][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[j], states.params)),
+                    jax.tree.leaves(separate[j][1].params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_sweep_stacked_equals_variant_by_variant(tmp_path):
+  config = load_config("ablation", "tiny")
+  config.sweep.subset = "projector=linear;seed=0"  # lambda_up 1 and 5
+  config.pretrain.enabled = False
+  workdir = str(tmp_path)
+  stacked = run_sweep(config, workdir)
+  assert len(stacked["runs"]) == 2
+  assert [g["variants"] for g in stacked["groups"].values()] == [2]  # one program for both
+  assert all(g["compilations"] == 1 for g in stacked["groups"].values())
+  for name in ("study.md", "study.png", "study.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  study = json.load(open(os.path.join(workdir, "study.json")))
+  assert len(study["runs"]) == 2 and "validation" in study["selection"]
+  assert "lambda_up" in open(os.path.join(workdir, "study.md")).read()
+
+  config.sweep.stack = False  # the same variants, each its own program (teacher stages reused)
+  separate = run_sweep(config, workdir)
+  assert len(separate["groups"]) == 2
+  by_name = {r["name"]: r["metrics"] for r in separate["runs"]}
+  for run in stacked["runs"]:
+    for key, value in run["metrics"].items():
+      np.testing.assert_allclose(by_name[run["name"]][key], value, rtol=1e-5, err_msg=key)
