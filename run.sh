@@ -21,7 +21,8 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
 fi
 case "${1:-}" in
   demo) exec .venv/bin/python train.py --config=configs/synthetic.py --workdir="${2:-runs/demo}" ;;
-  test) exec .venv/bin/python -m pytest -q tests ;;
+  # Two worker processes (whole files each); PYTEST_WORKERS=0 runs in one process.
+  test) exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile tests ;;
   install) ;;
   *) echo "usage: ./run.sh demo [WORKDIR] | test | install" >&2; exit 2 ;;
 esac

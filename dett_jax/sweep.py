@@ -323,7 +323,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         _, record = experiment.run_stage(ctx, name, None, body)
         records += record["runs"]
-        group_stats[name] = record["stats"]
+        group_stats[name] = {**record["stats"], "stage_s": record["seconds"]}
   finally:
     ctx.logger.close()
   study = None

@@ -1,0 +1,89 @@
+"""Stacked sweep vs sequential runs: 8 seeds of the demo's DeTT student.
+
+  python benchmarks/sweep_speed.py --workdir runs/ablation   # 8 seeds, the demo's networks
+  python benchmarks/sweep_speed.py --seeds 4 --epochs 1 --config tiny
+
+Trains the teacher stages once (not timed; reused from `--workdir` when already there),
+then the same `--seeds` DeTT students twice with `dett_jax.sweep`: stacked (one
+vmapped program, one teacher pass per batch) and sequentially (`sweep.stack=False`: one
+program and one run per seed, one after another, in the same process). Prints, for
+each: wall time of the student stages, compilations and compile time, training
+examples per second (all students), and the speed-up; writes JSON with `--json`.
+The per-seed metrics of both ways are compared as well (they should agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+
+def run(config, workdir: str, stack: bool) -> dict:
+  from dett_jax.sweep import run_sweep
+  config.sweep.stack = stack
+  t0 = time.perf_counter()
+  out = run_sweep(config, workdir)
+  wall = time.perf_counter() - t0
+  groups = out["groups"]
+  names = [n for n in groups]
+  steps = sum(groups[n]["steps"] * groups[n]["variants"] for n in names)
+  train_s = sum(groups[n]["train_s"] for n in names)
+  return {"stacked": stack, "wall_s": wall, "groups": len(names),
+          "student_wall_s": sum(groups[n]["stage_s"] for n in names),
+          "compilations": sum(groups[n]["compilations"] for n in names),
+          "compile_s": sum(groups[n]["compile_s"] for n in names), "train_s": train_s,
+          "student_steps": steps, "examples_per_s": steps * config.batch_size / max(train_s, 1e-9),
+          "metrics": {r["name"]: r["metrics"] for r in out["runs"]}}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--seeds", type=int, default=8)
+  parser.add_argument("--epochs", type=int, default=0, help="student epochs (0: the config's)")
+  parser.add_argument("--config", default="default", choices=("default", "tiny"),
+                      help="configs/ablation.py setting: default = the demo's networks and data")
+  parser.add_argument("--workdir", default="runs/sweep_speed")
+  parser.add_argument("--json", default="")
+  args = parser.parse_args()
+  import ablation
+  config = ablation.get_config(args.config)
+  config.sweep.axes = {"projector": (config.distill.projector,), "seed": tuple(range(args.seeds))}
+  if args.epochs:
+    config.distill.optim.epochs = args.epochs
+  workdir = os.path.abspath(args.workdir)
+  for d in os.listdir(workdir) if os.path.isdir(workdir) else []:
+    if d.startswith("sweep_"):  # keep the teacher stages, retrain the students
+      shutil.rmtree(os.path.join(workdir, d))
+  results = {}
+  for stack in (True, False):  # the first call also trains the teacher stages (not counted)
+    results["stacked" if stack else "sequential"] = run(config, workdir, stack)
+  s, q = results["stacked"], results["sequential"]
+  diffs = [k for name in s["metrics"] for k, v in s["metrics"][name].items()
+           if abs(q["metrics"].get(name, {}).get(k, float("nan")) - v) > 1e-5 * max(1.0, abs(v))]
+  print(f"\n{args.seeds} seeds of the DeTT student ({args.config} ablation config, "
+        f"{config.distill.optim.epochs} epoch(s), batch {config.batch_size}), "
+        f"{os.cpu_count()} CPU cores\n")
+  print("| way | student stages wall (s) | programs compiled | compile (s) | training (s) "
+        "| examples/s |")
+  print("|---|---|---|---|---|---|")
+  for name, r in results.items():
+    print(f"| {name} | {r['student_wall_s']:.1f} | {r['compilations']} | {r['compile_s']:.1f} | "
+          f"{r['train_s']:.1f} | {r['examples_per_s']:.0f} |")
+  speedup = q["student_wall_s"] / s["student_wall_s"]
+  print(f"\nstacked is {speedup:.2f}x faster in total; per-seed metrics "
+        + ("agree (1e-5)" if not diffs else f"differ in {len(diffs)} values"))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"results": results, "speedup": speedup, "metric_differences": diffs}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
