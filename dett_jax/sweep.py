@@ -30,6 +30,7 @@ best variant by validation metrics only.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import time
@@ -262,10 +263,12 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
   return records, stats
 
 
-def group_stage_name(key: tuple) -> str:
-  """The group's stage directory: `sweep_` + its axis values (`sweep_all` for one group)."""
+def group_stage_name(key: tuple, group: list[dict]) -> str:
+  """The group's stage directory: `sweep_` + its shared axis values + a hash of its variant
+  list (another subset of variants is another stage, never a stale one)."""
   slug = ",".join(f"{a}={v}" for a, v in key) or "all"
-  return "sweep_" + "".join(c if c.isalnum() or c in "=,._-" else "_" for c in slug)
+  digest = hashlib.sha1(variant_name_list(group).encode()).hexdigest()[:8]
+  return "sweep_" + "".join(c if c.isalnum() or c in "=,._-" else "_" for c in slug) + "_" + digest
 
 
 def variant_name_list(group: list[dict]) -> str:
@@ -314,7 +317,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
           error_sets[epochs] = np.asarray(record["error_set"], np.int64)
       for group in groups:
         name = group_stage_name(group_key(group[0], config.distill.reweight,
-                                          config.sweep.get("stack", True)))
+                                          config.sweep.get("stack", True)), group)
 
         def body(group=group, name=name):
           recs, stats = train_group(ctx, name, group, student_pre, erm_vars, distill_head,

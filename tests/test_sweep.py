@@ -14,7 +14,7 @@ from dett_jax.data.pipeline import example_weights
 from dett_jax.methods import METHODS
 from dett_jax.optimizers import make_optimizer
 from dett_jax.sharding import make_mesh, replicate, shard_batch
-from dett_jax.sweep import (SweepError, group_variants, parse_subset, place_stacked, run_sweep,
+from dett_jax.sweep import (SweepError, group_stage_name, group_variants, parse_subset, place_stacked, run_sweep,
                             stack, variants)
 from dett_jax.training.steps import (create_state, jit_train_step, make_stacked_train_step,
                                      make_train_step)
@@ -35,6 +35,9 @@ def test_variants_product_subset_and_groups():
   # upsampling changes the data: lambda_up splits the groups
   assert [len(g) for g in group_variants(all_variants, "upsample")] == [3, 3, 3, 3]
   assert [len(g) for g in group_variants(all_variants, "loss_weight", stack=False)] == [1] * 12
+  key = (("projector", "simkd"),)  # another subset of the same group: another stage
+  assert group_stage_name(key, groups[1]).startswith("sweep_projector=simkd_")
+  assert group_stage_name(key, groups[1]) != group_stage_name(key, groups[1][:3])
   with pytest.raises(SweepError, match="unknown axis 'width'"):
     variants({"width": (1, 2)})
   with pytest.raises(SweepError, match=r"projector=\['pooled'\] not among"):
