@@ -41,6 +41,6 @@ def get_config(setting: str = "default"):
       subset="",  # e.g. "projector=linear,simkd;seed=0,1"
       method="dett",  # transplant=False variants use dett_no_transplant
       stack=True,  # False: every variant its own program (for comparison)
-      mesh_axis="",  # sharding the stacked axis over a mesh axis: not supported yet (refused)
+      mesh_axis="",  # "model": shard the stacked variants over the mesh's model axis
   ))
   return config

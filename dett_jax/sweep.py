@@ -19,10 +19,10 @@ Axes (`config.sweep.axes`, each a tuple of values):
 Variants of one group share every parameter shape and the data order (the config's
 seed), so their parameters and optimizer states are stacked on a leading axis and one
 `jax.vmap`-ed step (`make_stacked_train_step`) trains them all with one teacher pass per
-batch. (Sharding the stacked axis over a mesh axis, `sweep.mesh_axis`, is refused for now:
-XLA's partitioning of the vmapped step over a second mesh axis gave wrong losses for the
-SimKD projector in our tests; the variants are replicated and the batch is split over
-the `data` axis.) Each group compiles
+batch. `config.sweep.mesh_axis="model"` shards the stacked axis over the mesh's `model`
+axis (`mesh.model` devices; the batch is split over `data`), so a pod trains many
+students at once; the models then compute 1x1 convolutions as dots, which XLA
+partitions correctly in this layout (see `dett_jax.models.conv`). Each group compiles
 once; its compile time, examples/s and variant count are logged and recorded. Students
 keep their last epoch (no per-variant selection during training); the study picks the
 best variant by validation metrics only.
@@ -65,12 +65,9 @@ class SweepError(ConfigError):
 
 def check_sweep(config: ml_collections.ConfigDict) -> list[dict]:
   """Raises SweepError for a sweep config that cannot work; returns the selected variants."""
-  if config.sweep.get("mesh_axis"):
-    raise SweepError(
-        f"sweep.mesh_axis={config.sweep.mesh_axis!r}: sharding the stacked variant axis over a "
-        "mesh axis is not supported yet (XLA's partitioning of the vmapped step gave wrong "
-        "losses for the SimKD projector in our tests); leave it empty: the variants are then "
-        "replicated and the batch is split over the mesh's data axis")
+  axis = config.sweep.get("mesh_axis")
+  if axis and axis not in ("data", "model"):
+    raise SweepError(f"sweep.mesh_axis={axis!r}; choose model (or empty: replicated variants)")
   if config.sweep.get("method", "dett") not in METHODS:
     raise SweepError(f"sweep.method={config.sweep.method!r}; choose from {', '.join(METHODS)}")
   axes = {name: tuple(values) for name, values in config.sweep.axes.items()}
@@ -195,6 +192,8 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
   config = ctx.config
   train = ctx.splits["train"]
   first = variant_config(config, group[0])
+  if config.sweep.get("mesh_axis"):  # see dett_jax.models.conv: 1x1 convs as dots
+    first.pointwise_dot = True
   method = method_of(config, group[0])
   k = len(group)
   seeds = [config.seed * 1000 + 500 + int(v.get("seed", 0)) for v in group]
@@ -224,7 +223,7 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
     raise SweepError(f"{name}: {len(index_list)} training examples give no full batch of "
                      f"{batch_size}; lower the batch size")
   tx = make_optimizer(optim, steps_per_epoch, batch_size)
-  axis = None  # the stacked axis stays replicated (see check_sweep)
+  axis = config.sweep.get("mesh_axis") or None
   states = place_stacked(stack([create_state(v["params"], v["batch_stats"], tx)
                                 for _, v, _ in setups]), ctx.mesh, axis)
   frozen = replicate({**frozen, "variants": {"weights": np.stack(weights), "lr_scale": lr_scale}},

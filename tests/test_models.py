@@ -109,3 +109,26 @@ def test_resnet_small_map_conv_same_function_and_parameters():
   assert use_patches("auto", "cpu") and not use_patches("auto", "gpu")
   with pytest.raises(ValueError, match="small_map_conv"):
     use_patches("fast")
+
+
+def test_pointwise_dot_conv_is_right_when_vmapped_and_sharded():
+  """A vmapped 1x1 convolution whose vmapped axis is sharded over a mesh axis: the dot form
+  (`conv_fn(pointwise=True)`) gives the unsharded result (XLA's own conv was wrong here)."""
+  import numpy as np
+  from jax import lax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from dett_jax.models.conv import conv_fn
+  from dett_jax.sharding import make_mesh
+  mesh = make_mesh(4, 2)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 16, 4, 4, 32)).astype(np.float32)
+  w = rng.normal(size=(2, 1, 1, 32, 64)).astype(np.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+  for strides in ((1, 1), (2, 2)):
+    ref = jax.vmap(lambda a, b: lax.conv_general_dilated(a, b, strides, "VALID",
+                                                         dimension_numbers=dn))(x, w)
+    fn = jax.jit(jax.vmap(lambda a, b: conv_fn(False, True)(a, b, strides, "VALID",
+                                                            dimension_numbers=dn)))
+    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("model")))
+    np.testing.assert_allclose(np.asarray(fn(shard(x), shard(w))), np.asarray(ref),
+                               rtol=1e-4, atol=1e-4)

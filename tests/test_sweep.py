@@ -16,7 +16,9 @@ from dett_jax.optimizers import make_optimizer
 from dett_jax.sharding import make_mesh, replicate, shard_batch
 from dett_jax.sweep import (SweepError, group_stage_name, group_variants, parse_subset, place_stacked, run_sweep,
                             stack, variants)
-from dett_jax.training.steps import (create_state, jit_train_step, make_stacked_train_step,
+from dett_jax.models.projector import Projector
+from dett_jax.models.resnet import create_resnet
+from dett_jax.training.steps import (Networks, create_state, jit_train_step, make_stacked_train_step,
                                      make_train_step)
 from test_steps import LOSS_CONFIG, batch, setup
 
@@ -44,16 +46,22 @@ def test_variants_product_subset_and_groups():
     variants(axes, {"projector": ["pooled"]})
 
 
-def test_sharding_the_variant_axis_is_refused(tmp_path):
+def test_bad_sweep_fields_are_refused_before_any_work(tmp_path):
   config = load_config("ablation", "tiny")
-  config.sweep.mesh_axis = "model"
-  with pytest.raises(SweepError, match="mesh_axis='model'.*not supported"):
+  config.sweep.mesh_axis = "sweep"
+  with pytest.raises(SweepError, match="mesh_axis='sweep'"):
     run_sweep(config, str(tmp_path))
-  assert os.listdir(tmp_path) == []  # refused before anything is written
+  config.sweep.mesh_axis = ""
+  config.sweep.subset = "projector=identity"
+  with pytest.raises(SweepError, match="not among the axis values"):
+    run_sweep(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
 
 
-def test_stacked_step_equals_separate_steps(mesh_shape=(8, 1), axis=None):
-  """3 variants (seed, lambda_up, learning rate differ) in one vmapped step vs 3 steps."""
+@pytest.mark.parametrize("mesh_shape,axis", [((8, 1), None), ((4, 2), "model")])
+def test_stacked_step_equals_separate_steps(mesh_shape, axis):
+  """Variants (seed, lambda_up, learning rate differ) in one vmapped step vs separate
+  steps; with `axis`, the variant axis is sharded over the mesh's model axis."""
   method = METHODS["dett"]
   mesh = make_mesh(*mesh_shape)
   optim = load_config("synthetic").distill.optim  # AdamW with warmup + cosine
@@ -63,6 +71,11 @@ def test_stacked_step_equals_separate_steps(mesh_shape=(8, 1), axis=None):
   k = 2 if axis else 3  # the stacked axis must divide the mesh axis when sharded
   runs = [jax.tree.map(np.asarray, setup("dett", seed=s)) for s in seeds[:k]]  # host copies: steps donate
   networks, frozen = runs[0][1], runs[0][4]
+  if axis:  # what the sweep builds for a sharded variant axis: 1x1 convolutions as dots
+    networks = Networks(student=create_resnet(10, None, width=0.0625, stem="small",
+                                              pointwise_dot=True),
+                        projector=Projector("simkd", 64, pointwise_dot=True),
+                        teacher=networks.teacher)
   batches = [batch(n=16, seed=i) for i in range(3)]
   for i, b in enumerate(batches):
     b["index"] = (np.arange(16) + 16 * i).astype(np.int32)
@@ -87,6 +100,8 @@ def test_stacked_step_equals_separate_steps(mesh_shape=(8, 1), axis=None):
   f = replicate({**frozen, "variants": {"weights": weights,
                                         "lr_scale": np.array(lr_scales[:k], np.float32)}}, mesh)
   step = jit_train_step(make_stacked_train_step(networks, method, tx, LOSS_CONFIG), mesh, states, f)
+  if axis:
+    assert states.params["projector"]["Conv_0"]["kernel"].sharding.spec[0] == "model"
   stacked_losses = []
   for b in batches:
     states, m = step(states, shard_batch(b, mesh), f)

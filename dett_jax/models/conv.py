@@ -9,11 +9,17 @@ CPU core, 10x slower than the rest of the step (`benchmarks/throughput.py
 `patches @ kernel.reshape(-1, out)` (a dot, fast forward and backward) and hands every
 other one to `lax.conv_general_dilated`. Parameters keep Flax's `nn.Conv` names and
 shapes, so checkpoints do not change.
+
+`conv_fn(small_map, pointwise)` also offers 1x1 convolutions as plain dots: XLA's SPMD
+partitioner computes a `jax.vmap`-ed 1x1 convolution (kernel and input both carrying the
+vmapped axis, as in a stacked sweep) wrongly when that axis is sharded over a mesh axis
+(tested in tests/test_models.py), and the dot form avoids it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +44,15 @@ def _all_ones(values: Sequence[int] | None) -> bool:
   return values is None or all(v == 1 for v in values)
 
 
+@functools.lru_cache(maxsize=None)
+def conv_fn(small_map: bool, pointwise: bool = False) -> Callable | None:
+  """The `conv_general_dilated` for `flax.linen.Conv`: maps smaller than the kernel
+  (`small_map`) and/or 1x1 convolutions (`pointwise`) as dots; None: XLA's own."""
+  if not (small_map or pointwise):
+    return None
+  return functools.partial(_conv, small_map=small_map, pointwise=pointwise)
+
+
 def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[int],
                          padding: Any, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1,
@@ -48,6 +63,14 @@ def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Seq
   Same signature and result as `lax.conv_general_dilated`; pass it to
   `flax.linen.Conv(conv_general_dilated=...)`.
   """
+  return _conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+               dimension_numbers, feature_group_count, batch_group_count, precision,
+               preferred_element_type, small_map=True, pointwise=False)
+
+
+def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+          preferred_element_type=None, *, small_map: bool, pointwise: bool) -> jnp.ndarray:
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   if (lhs.ndim == 4 and tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1)
       and tuple(dn.out_spec) == (0, 3, 1, 2) and _all_ones(lhs_dilation)
@@ -57,7 +80,13 @@ def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Seq
             if isinstance(padding, str) else tuple(tuple(p) for p in padding))
     out = [(s + lo + hi - k) // st + 1
            for s, k, st, (lo, hi) in zip(spatial, kernel, window_strides, pads)]
-    if any(k > min(s, o) for k, s, o in zip(kernel, spatial, out)):
+    if pointwise and tuple(kernel) == (1, 1) and all(p == (0, 0) for p in pads):
+      (sh, sw), (oh, ow) = window_strides, out
+      strided = lax.slice(lhs, (0, 0, 0, 0), (lhs.shape[0], sh * (oh - 1) + 1,
+                                              sw * (ow - 1) + 1, lhs.shape[3]), (1, sh, sw, 1))
+      return jnp.dot(strided, rhs.reshape(rhs.shape[-2], rhs.shape[-1]), precision=precision,
+                     preferred_element_type=preferred_element_type)
+    if small_map and any(k > min(s, o) for k, s, o in zip(kernel, spatial, out)):
       padded = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
       (sh, sw), (oh, ow) = window_strides, out
       patches = jnp.concatenate(  # [b, oh, ow, kh * kw * c], (kh, kw, c)-major like HWIO

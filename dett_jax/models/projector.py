@@ -44,6 +44,7 @@ class Projector(nn.Module):
   factor: int = 2
   dtype: Any = jnp.float32
   small_map_conv: bool = False
+  pointwise_dot: bool = False  # 1x1 convolutions as dots (see dett_jax.models.conv)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -54,15 +55,16 @@ class Projector(nn.Module):
             f"{self.teacher_channels}: choose distill.projector=linear or simkd")
       return x
     if self.kind == "linear":
-      return nn.Conv(self.teacher_channels, (1, 1), dtype=self.dtype, name="conv")(x).astype(
-          jnp.float32)
+      return nn.Conv(self.teacher_channels, (1, 1), dtype=self.dtype, name="conv",
+                     conv_general_dilated=conv_lib.conv_fn(self.small_map_conv,
+                                                           self.pointwise_dot))(x).astype(jnp.float32)
     if self.kind not in ("simkd", "simkd_dw"):
       raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                 dtype=self.dtype)
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype,
-        conv_general_dilated=conv_lib.conv_general_dilated if self.small_map_conv else None)
+        conv_general_dilated=conv_lib.conv_fn(self.small_map_conv, self.pointwise_dot))
     mid = max(1, self.teacher_channels // self.factor)
     x = nn.relu(norm()(conv(mid, (1, 1))(x)))
     groups = mid if self.kind == "simkd_dw" else 1

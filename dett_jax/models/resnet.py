@@ -91,6 +91,7 @@ class ResNet(nn.Module):
   stem: str = "imagenet"
   dtype: Any = jnp.float32
   small_map_conv: bool = False
+  pointwise_dot: bool = False  # 1x1 convolutions as dots (see dett_jax.models.conv)
 
   def setup_check(self) -> None:
     if self.stem not in ("imagenet", "small"):
@@ -102,7 +103,7 @@ class ResNet(nn.Module):
     self.setup_check()
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype,
-        conv_general_dilated=conv_lib.conv_general_dilated if self.small_map_conv else None)
+        conv_general_dilated=conv_lib.conv_fn(self.small_map_conv, self.pointwise_dot))
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype)
@@ -136,7 +137,8 @@ STAGES: dict[int, tuple[tuple[int, ...], ModuleDef]] = {
 
 
 def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem: str = "imagenet",
-                  dtype: Any = jnp.float32, small_map_conv: bool = False) -> ResNet:
+                  dtype: Any = jnp.float32, small_map_conv: bool = False,
+                  pointwise_dot: bool = False) -> ResNet:
   """Builds ResNet-`depth` (10, 18, 34 or 50)."""
   if depth not in STAGES:
     raise ValueError(f"model depth must be one of 10, 18, 34, 50; got {depth}")
@@ -146,7 +148,8 @@ def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem:
     raise ValueError(f"model width must be > 0; got {width}")
   stage_sizes, block_cls = STAGES[depth]
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
-                width=width, stem=stem, dtype=dtype, small_map_conv=small_map_conv)
+                width=width, stem=stem, dtype=dtype, small_map_conv=small_map_conv,
+                pointwise_dot=pointwise_dot)
 
 
 def feature_channels(depth: int, width: float) -> int:
