@@ -5,8 +5,10 @@
 
 Trains the teacher stages once (not timed; reused from `--workdir` when already there),
 then the same `--seeds` DeTT students twice with `dett_jax.sweep`: stacked (one
-vmapped program, one teacher pass per batch) and sequentially (`sweep.stack=False`: one
-program and one run per seed, one after another, in the same process). Prints, for
+vmapped program, one teacher pass per batch, the variants split over the host's devices
+on the mesh's `model` axis, convolutions as patches x kernel: `sweep.conv=auto`) and
+sequentially (`sweep.stack=False`: one program and one run per seed, one after another,
+in the same process, each on the default data-parallel mesh with XLA's convolutions). Prints, for
 each: wall time of the student stages, compilations and compile time, training
 examples per second (all students), and the speed-up; writes JSON with `--json`.
 The per-seed metrics of both ways are compared as well (they should agree).
@@ -27,8 +29,14 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 
 def run(config, workdir: str, stack: bool) -> dict:
+  """One sweep; stacked: the variants split over the devices (mesh `model` axis); each
+  sequential run: the default data-parallel mesh."""
+  import jax
   from dett_jax.sweep import run_sweep
   config.sweep.stack = stack
+  devices = jax.device_count()
+  config.mesh.data, config.mesh.model = (1, devices) if stack else (-1, 1)
+  config.sweep.mesh_axis = "model" if stack and devices > 1 else ""
   t0 = time.perf_counter()
   out = run_sweep(config, workdir)
   wall = time.perf_counter() - t0
@@ -55,6 +63,8 @@ def main() -> None:
   args = parser.parse_args()
   import ablation
   config = ablation.get_config(args.config)
+  from dett_jax.sharding import configure_cpu_devices
+  configure_cpu_devices(config.mesh.cpu_devices)  # as train.py: one XLA CPU device per core
   config.sweep.axes = {"projector": (config.distill.projector,), "seed": tuple(range(args.seeds))}
   if args.epochs:
     config.distill.optim.epochs = args.epochs

@@ -41,6 +41,9 @@ def get_config(setting: str = "default"):
       subset="",  # e.g. "projector=linear,simkd;seed=0,1"
       method="dett",  # transplant=False variants use dett_no_transplant
       stack=True,  # False: every variant its own program (for comparison)
+      # convolutions of stacked groups: "auto" (as patches x kernel on CPU, where vmapped
+      # convolutions are slow), "patches" or "xla"
+      conv="auto",
       mesh_axis="",  # "model": shard the stacked variants over the mesh's model axis
   ))
   return config

@@ -163,7 +163,8 @@ def resnet(config: ml_collections.ConfigDict, role: str, num_classes: int | None
   cfg = config[role]
   return create_resnet(cfg.depth, num_classes, cfg.width, cfg.stem, dtype=compute_dtype(config),
                        small_map_conv=small_map_conv(config),
-                       pointwise_dot=config.get("pointwise_dot", False))
+                       pointwise_dot=config.get("pointwise_dot", False),
+                       patches_everywhere=config.get("patches_everywhere", False))
 
 
 def small_map_conv(config: ml_collections.ConfigDict) -> bool:
@@ -399,7 +400,8 @@ def student_setup(ctx: Context, method: Method, config: ml_collections.ConfigDic
     model = resnet(config, "student", None)
     projector = Projector(config.distill.projector, t_channels, config.distill.projector_factor,
                           dtype=compute_dtype(config), small_map_conv=small_map_conv(config),
-                          pointwise_dot=config.get("pointwise_dot", False))
+                          pointwise_dot=config.get("pointwise_dot", False),
+                       patches_everywhere=config.get("patches_everywhere", False))
     backbone = with_new_head(pretrained_student, None, seed)
     s_shape = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(
         (1, config.data.image_size, config.data.image_size, 3)))["feature_map"], backbone)

@@ -65,6 +65,8 @@ class SweepError(ConfigError):
 
 def check_sweep(config: ml_collections.ConfigDict) -> list[dict]:
   """Raises SweepError for a sweep config that cannot work; returns the selected variants."""
+  if config.sweep.get("conv", "auto") not in ("auto", "patches", "xla"):
+    raise SweepError(f"sweep.conv={config.sweep.conv!r}; choose auto, patches or xla")
   axis = config.sweep.get("mesh_axis")
   if axis and axis not in ("data", "model"):
     raise SweepError(f"sweep.mesh_axis={axis!r}; choose model (or empty: replicated variants)")
@@ -162,6 +164,15 @@ def variant_config(config: ml_collections.ConfigDict, variant: dict) -> ml_colle
   return out
 
 
+def use_patches_everywhere(config: ml_collections.ConfigDict, k: int) -> bool:
+  """`sweep.conv`: "patches" / "xla", or "auto": patches for stacked groups (k > 1) on CPU
+  (see `dett_jax.models.conv.conv_fn`)."""
+  setting = config.sweep.get("conv", "auto")
+  if setting == "auto":
+    return k > 1 and jax.default_backend() == "cpu"
+  return setting == "patches"
+
+
 def method_of(config: ml_collections.ConfigDict, variant: dict):
   base = config.sweep.get("method", "dett")
   if variant.get("transplant") is False:
@@ -194,6 +205,7 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
   first = variant_config(config, group[0])
   if config.sweep.get("mesh_axis"):  # see dett_jax.models.conv: 1x1 convs as dots
     first.pointwise_dot = True
+  first.patches_everywhere = use_patches_everywhere(config, len(group))
   method = method_of(config, group[0])
   k = len(group)
   seeds = [config.seed * 1000 + 500 + int(v.get("seed", 0)) for v in group]

@@ -117,6 +117,7 @@ def test_stacked_step_equals_separate_steps(mesh_shape, axis):
 def test_tiny_sweep_stacked_equals_variant_by_variant(tmp_path):
   config = load_config("ablation", "tiny")
   config.sweep.subset = "projector=linear;seed=0"  # lambda_up 1 and 5
+  config.sweep.conv = "patches"  # the same convolutions stacked and separate
   config.pretrain.enabled = False
   workdir = str(tmp_path)
   stacked = run_sweep(config, workdir)

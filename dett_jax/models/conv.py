@@ -45,12 +45,20 @@ def _all_ones(values: Sequence[int] | None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def conv_fn(small_map: bool, pointwise: bool = False) -> Callable | None:
+def conv_fn(small_map: bool, pointwise: bool = False, everywhere: bool = False
+            ) -> Callable | None:
   """The `conv_general_dilated` for `flax.linen.Conv`: maps smaller than the kernel
-  (`small_map`) and/or 1x1 convolutions (`pointwise`) as dots; None: XLA's own."""
-  if not (small_map or pointwise):
+  (`small_map`), 1x1 convolutions (`pointwise`) or every convolution (`everywhere`) as
+  image patches times the kernel matrix; None: XLA's own convolution.
+
+  `everywhere` is for stacked sweep variants on CPU: `jax.vmap` turns a convolution whose
+  kernel and input both carry the variant axis into a grouped convolution, which XLA:CPU
+  runs ~2x slower per variant than separate ones, while the patches form becomes one
+  batched matrix product (`benchmarks/sweep_speed.py`)."""
+  if not (small_map or pointwise or everywhere):
     return None
-  return functools.partial(_conv, small_map=small_map, pointwise=pointwise)
+  return functools.partial(_conv, small_map=small_map or everywhere, pointwise=pointwise,
+                           everywhere=everywhere)
 
 
 def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[int],
@@ -70,7 +78,8 @@ def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Seq
 
 def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
           dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-          preferred_element_type=None, *, small_map: bool, pointwise: bool) -> jnp.ndarray:
+          preferred_element_type=None, *, small_map: bool, pointwise: bool,
+          everywhere: bool = False) -> jnp.ndarray:
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   if (lhs.ndim == 4 and tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1)
       and tuple(dn.out_spec) == (0, 3, 1, 2) and _all_ones(lhs_dilation)
@@ -80,13 +89,13 @@ def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=Non
             if isinstance(padding, str) else tuple(tuple(p) for p in padding))
     out = [(s + lo + hi - k) // st + 1
            for s, k, st, (lo, hi) in zip(spatial, kernel, window_strides, pads)]
-    if pointwise and tuple(kernel) == (1, 1) and all(p == (0, 0) for p in pads):
+    if (pointwise or everywhere) and tuple(kernel) == (1, 1) and all(p == (0, 0) for p in pads):
       (sh, sw), (oh, ow) = window_strides, out
       strided = lax.slice(lhs, (0, 0, 0, 0), (lhs.shape[0], sh * (oh - 1) + 1,
                                               sw * (ow - 1) + 1, lhs.shape[3]), (1, sh, sw, 1))
       return jnp.dot(strided, rhs.reshape(rhs.shape[-2], rhs.shape[-1]), precision=precision,
                      preferred_element_type=preferred_element_type)
-    if small_map and any(k > min(s, o) for k, s, o in zip(kernel, spatial, out)):
+    if everywhere or (small_map and any(k > min(s, o) for k, s, o in zip(kernel, spatial, out))):
       padded = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
       (sh, sw), (oh, ow) = window_strides, out
       patches = jnp.concatenate(  # [b, oh, ow, kh * kw * c], (kh, kw, c)-major like HWIO

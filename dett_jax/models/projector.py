@@ -45,6 +45,7 @@ class Projector(nn.Module):
   dtype: Any = jnp.float32
   small_map_conv: bool = False
   pointwise_dot: bool = False  # 1x1 convolutions as dots (see dett_jax.models.conv)
+  patches_everywhere: bool = False  # every convolution as patches x kernel (stacked sweeps)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -56,15 +57,17 @@ class Projector(nn.Module):
       return x
     if self.kind == "linear":
       return nn.Conv(self.teacher_channels, (1, 1), dtype=self.dtype, name="conv",
-                     conv_general_dilated=conv_lib.conv_fn(self.small_map_conv,
-                                                           self.pointwise_dot))(x).astype(jnp.float32)
+                     conv_general_dilated=conv_lib.conv_fn(
+                         self.small_map_conv, self.pointwise_dot,
+                         self.patches_everywhere))(x).astype(jnp.float32)
     if self.kind not in ("simkd", "simkd_dw"):
       raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                 dtype=self.dtype)
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype,
-        conv_general_dilated=conv_lib.conv_fn(self.small_map_conv, self.pointwise_dot))
+        conv_general_dilated=conv_lib.conv_fn(self.small_map_conv, self.pointwise_dot,
+                                              self.patches_everywhere))
     mid = max(1, self.teacher_channels // self.factor)
     x = nn.relu(norm()(conv(mid, (1, 1))(x)))
     groups = mid if self.kind == "simkd_dw" else 1

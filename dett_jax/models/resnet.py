@@ -92,6 +92,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   small_map_conv: bool = False
   pointwise_dot: bool = False  # 1x1 convolutions as dots (see dett_jax.models.conv)
+  patches_everywhere: bool = False  # every convolution as patches x kernel (stacked sweeps)
 
   def setup_check(self) -> None:
     if self.stem not in ("imagenet", "small"):
@@ -103,7 +104,8 @@ class ResNet(nn.Module):
     self.setup_check()
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype,
-        conv_general_dilated=conv_lib.conv_fn(self.small_map_conv, self.pointwise_dot))
+        conv_general_dilated=conv_lib.conv_fn(self.small_map_conv, self.pointwise_dot,
+                                              self.patches_everywhere))
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype)
@@ -138,7 +140,7 @@ STAGES: dict[int, tuple[tuple[int, ...], ModuleDef]] = {
 
 def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem: str = "imagenet",
                   dtype: Any = jnp.float32, small_map_conv: bool = False,
-                  pointwise_dot: bool = False) -> ResNet:
+                  pointwise_dot: bool = False, patches_everywhere: bool = False) -> ResNet:
   """Builds ResNet-`depth` (10, 18, 34 or 50)."""
   if depth not in STAGES:
     raise ValueError(f"model depth must be one of 10, 18, 34, 50; got {depth}")
@@ -149,7 +151,7 @@ def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem:
   stage_sizes, block_cls = STAGES[depth]
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
                 width=width, stem=stem, dtype=dtype, small_map_conv=small_map_conv,
-                pointwise_dot=pointwise_dot)
+                pointwise_dot=pointwise_dot, patches_everywhere=patches_everywhere)
 
 
 def feature_channels(depth: int, width: float) -> int:
