@@ -70,7 +70,7 @@ def main() -> None:
     config.distill.optim.epochs = args.epochs
   workdir = os.path.abspath(args.workdir)
   for d in os.listdir(workdir) if os.path.isdir(workdir) else []:
-    if d.startswith("sweep_"):  # keep the teacher stages, retrain the students
+    if d.startswith("sweep_") and os.path.isdir(os.path.join(workdir, d)):  # students only
       shutil.rmtree(os.path.join(workdir, d))
   results = {}
   for stack in (True, False):  # the first call also trains the teacher stages (not counted)
