@@ -207,7 +207,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
   """
   path = os.path.join(workdir, "config.json")
   current = {k: v for k, v in _flatten(json.loads(config.to_json())).items()
-             if k not in NON_RESULT_FIELDS}
+             if not _non_result(k)}
   stored = _stored_config(path)
   if stored is not None:
     differing = _differing(stored, current)
@@ -224,11 +224,16 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
                         f"({differing}); start every process with the same flags")
 
 
+def _non_result(key: str) -> bool:
+  """Whether a flattened config key is (inside) one of NON_RESULT_FIELDS."""
+  return any(key == f or key.startswith(f + ".") for f in NON_RESULT_FIELDS)
+
+
 def _stored_config(path: str) -> dict[str, Any] | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return {k: v for k, v in _flatten(json.load(f)).items() if k not in NON_RESULT_FIELDS}
+    return {k: v for k, v in _flatten(json.load(f)).items() if not _non_result(k)}
 
 
 def _differing(stored: dict[str, Any], current: dict[str, Any]) -> str:
