@@ -17,7 +17,8 @@ def _env():
   return env
 
 
-TINY = ["--pair", "tiny", "--image_size", "16", "--batch", "16", "--steps", "2", "--warmup", "1"]
+TINY = ["--pair", "tiny", "--image_size", "16", "--batch", "16", "--steps", "2", "--warmup", "1",
+        "--matmul_size", "256"]
 
 
 def _jax_param_counts(teacher=(10, 0.0625, "small"), student=(10, 0.0625, "small"), size=16):
