@@ -85,6 +85,17 @@ class Context:
     return place(tree, self.mesh, self.config.mesh.get("strategy", "replicated"),
                  tuple(self.config.mesh.get("rules", ())))
 
+  def fit_options(self) -> dict[str, Any]:
+    """The `FitSpec` fields every stage takes from the config (logging, checkpoints,
+    the divergence policy, loader workers, `stop_after_steps`)."""
+    config = self.config
+    return dict(log_every_steps=config.log_every_steps,
+                checkpoint_every_steps=config.checkpoint_every_steps,
+                checkpoint_every_minutes=config.get("checkpoint_every_minutes", 0.0),
+                keep_checkpoints=config.get("keep_checkpoints", 2),
+                on_nonfinite=config.get("on_nonfinite", "stop"), workers=self.workers,
+                stop_after_steps=config.get("stop_after_steps") or None)
+
   @property
   def workers(self) -> int:
     return self.config.data.get("workers", 0)
@@ -146,15 +157,11 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
     evaluate_fn = lambda v: evaluate(ctx, eval_step, v, frozen, splits=("val",))
   spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=optim.epochs,
                  steps_per_epoch=steps_per_epoch, data=data, evaluate=evaluate_fn,
-                 select_metric=select_metric, log_every_steps=config.log_every_steps,
-                 checkpoint_every_steps=config.checkpoint_every_steps,
-                 checkpoint_every_minutes=config.get("checkpoint_every_minutes", 0.0),
-                 keep_checkpoints=config.get("keep_checkpoints", 2),
-                 on_nonfinite=config.get("on_nonfinite", "stop"), workers=ctx.workers,
+                 select_metric=select_metric,
                  signature={"method": method.name, "seed": seed, "batch_size": batch_size,
                             "steps_per_epoch": steps_per_epoch,
                             **{f"optim.{k}": v for k, v in optim.items()}},
-                 stop_after_steps=config.get("stop_after_steps") or None)
+                 **ctx.fit_options())
   return fit(spec, state, step_fn, frozen, ctx.mesh, ctx.logger)
 
 

@@ -202,7 +202,8 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
   from dett_jax import experiment  # the stage helpers; imported here to avoid a cycle
   config = ctx.config
   train = ctx.splits["train"]
-  first = variant_config(config, group[0])
+  configs = [variant_config(config, v) for v in group]
+  first = configs[0]
   if config.sweep.get("mesh_axis"):  # see dett_jax.models.conv: 1x1 convs as dots
     first.pointwise_dot = True
   first.patches_everywhere = use_patches_everywhere(config, len(group))
@@ -217,19 +218,18 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
   reweight = config.distill.reweight
   n = len(train)
   if method.reweight and reweight == "upsample":
-    cfg = variant_config(config, group[0])
-    index_list = upsampled_indices(n, error_sets[cfg.identification.epochs], int(cfg.distill.lambda_up))
+    index_list = upsampled_indices(n, error_sets[first.identification.epochs],
+                                   int(first.distill.lambda_up))
   else:
     index_list = np.arange(n)
   weights = []
-  for v in group:
-    cfg = variant_config(config, v)
+  for cfg in configs:
     if method.reweight and reweight == "loss_weight":
       weights.append(example_weights(n, error_sets[cfg.identification.epochs], cfg.distill.lambda_up))
     else:
       weights.append(np.ones(n, np.float32))
-  lr_scale = np.array([variant_config(config, v).distill.optim.learning_rate / optim.learning_rate
-                       for v in group], np.float32)
+  lr_scale = np.array([cfg.distill.optim.learning_rate / optim.learning_rate for cfg in configs],
+                      np.float32)
   steps_per_epoch = len(index_list) // batch_size
   if steps_per_epoch < 1:
     raise SweepError(f"{name}: {len(index_list)} training examples give no full batch of "
@@ -251,14 +251,9 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
   compile_s = time.perf_counter() - t0
   spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=optim.epochs,
                  steps_per_epoch=steps_per_epoch, data=data,
-                 log_every_steps=config.log_every_steps,
-                 checkpoint_every_steps=config.checkpoint_every_steps,
-                 checkpoint_every_minutes=config.get("checkpoint_every_minutes", 0.0),
-                 keep_checkpoints=config.get("keep_checkpoints", 2),
-                 on_nonfinite=config.get("on_nonfinite", "stop"), workers=ctx.workers,
                  signature={"method": method.name, "variants": variant_name_list(group),
                             "batch_size": batch_size, "steps_per_epoch": steps_per_epoch},
-                 stop_after_steps=config.get("stop_after_steps") or None)
+                 **ctx.fit_options())
   t0 = time.perf_counter()
   variables, _ = fit(spec, states, compiled, frozen, ctx.mesh, ctx.logger)
   train_s = time.perf_counter() - t0
