@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +52,18 @@ Tree = Any
 # ---------------------------------------------------------------------------
 
 def init_model(model: Any, image_size: int, seed: int) -> dict[str, Tree]:
-  variables = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, image_size, image_size, 3))))(
-      jax.random.key(seed))
+  init = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, image_size, image_size, 3))))
+  variables = run_once(init, jax.random.key(seed))
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def run_once(fn: Callable, *args: Any) -> Any:
+  """`fn(*args)` for a jitted function run once (initialisers): on CPU compiled without
+  LLVM optimisation, which XLA:CPU otherwise spends 15-20 s on for a ResNet's unrolled
+  random-number code (the values differ from an optimised build in the last bits)."""
+  if jax.default_backend() != "cpu":
+    return fn(*args)
+  return fn.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
 
 
 def with_new_head(variables: Tree, num_classes: int | None, seed: int) -> Tree:

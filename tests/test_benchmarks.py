@@ -8,12 +8,14 @@ import sys
 import jax
 import pytest
 
+from conftest import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env():
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
-  env.pop("XLA_FLAGS", None)  # each benchmark chooses its own device count
+  env["XLA_FLAGS"] = FAST_COMPILE  # each benchmark chooses its own device count
   return env
 
 
@@ -132,7 +134,9 @@ def test_reproduce_summarizes_seeds(tmp_path):
   out = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--seeds", "2",
                         "--config", "configs/tiny.py", "--workdir", str(tmp_path), "--",
                         "--config.distill.methods=dett", "--config.pretrain.enabled=False"],
-                       cwd=ROOT, env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                       # 8 devices, like the in-process tests: their compilations are reused
+                       cwd=ROOT, env=dict(_env(), XLA_FLAGS=(
+                           f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "| student_dett | dett |" in out.stdout and " ± " in out.stdout

@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import FAST_COMPILE
+
 from dett_jax import distributed
 from dett_jax.checkpoints import load_variables
 from dett_jax.sharding import make_mesh, replicated
@@ -39,7 +41,7 @@ def _env(devices: int) -> dict:
   # optimisation (in every run of this test alike) it compiles 3-7x faster.
   return dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
               XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0"))
+                         f"{FAST_COMPILE}"))
 
 
 def _free_port() -> int:
