@@ -3,6 +3,10 @@ demo:
 	./run.sh demo
 test:
 	./run.sh test
+docs:
+	./run.sh docs
+wheel-check:
+	./run.sh wheel-check
 reproduce:
 	./run.sh install && .venv/bin/python benchmarks/reproduce.py --seeds 3
-.PHONY: demo test reproduce
+.PHONY: demo test docs wheel-check reproduce

@@ -20,24 +20,61 @@ from dett_jax.report import write_json_atomic
 
 
 def save_variables(path: str, tree: Any) -> None:
-  """Saves a pytree of arrays with Orbax (replacing what was there). With several
-  processes, all must call it with the same global arrays."""
+  """Saves a pytree of arrays (e.g. Flax variables) as an Orbax checkpoint directory.
+
+  Replaces what was at `path`. With several processes, all must call it with the same
+  global arrays. The bundled trainer saves each stage's model this way (e.g.
+  `<workdir>/teacher_erm/final`).
+
+  Examples:
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> from dett_jax import load_variables, save_variables
+    >>> directory = tempfile.TemporaryDirectory()              # removed when collected
+    >>> path = os.path.join(directory.name, "head")
+    >>> save_variables(path, {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)})
+    >>> load_variables(path)["kernel"].shape
+    (4, 2)
+  """
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.abspath(path), tree, force=True)
   checkpointer.wait_until_finished()
 
 
-def load_variables(path: str, template: Any) -> Any:
-  """Restores a pytree saved by `save_variables` onto the shardings of `template`.
+def load_variables(path: str, template: Any = None) -> Any:
+  """Restores a pytree saved by `save_variables` (e.g. a teacher saved by `train.py`).
 
-  Raises ValueError naming the path when the stored tree does not fit the template
-  (e.g. a checkpoint of another architecture).
+  Args:
+    path: the checkpoint directory.
+    template: a pytree of arrays (or `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`)
+      of the expected structure; the result gets its shapes checked and its leaves'
+      shardings (the default device for leaves without one), whatever devices wrote it.
+      None: the stored tree as numpy arrays on the host.
+
+  Returns:
+    The restored pytree.
+
+  Raises:
+    FileNotFoundError: no checkpoint directory at `path`.
+    ValueError: the stored tree does not fit `template` (e.g. another architecture).
+
+  Examples:
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> from dett_jax import load_variables, save_variables
+    >>> directory = tempfile.TemporaryDirectory()              # removed when collected
+    >>> path = os.path.join(directory.name, "teacher")
+    >>> save_variables(path, {"params": {"w": jnp.arange(3.0)}})
+    >>> load_variables(path, template={"params": {"w": jnp.zeros(3)}})["params"]["w"]
+    Array([0., 1., 2.], dtype=float32)
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
+  if template is None:
+    return _restore_numpy(path)
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # for leaves without one
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                     sharding=getattr(x, "sharding", None) or default), template)
   try:
     return ocp.StandardCheckpointer().restore(path, abstract)
   except (ValueError, KeyError, TypeError) as e:

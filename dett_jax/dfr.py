@@ -342,7 +342,18 @@ def fold_standardization(
 
 
 def dense_params(result: DFRResult) -> dict:
-  """Flax nn.Dense parameter subtree {"kernel": [d, k], "bias": [k]}."""
+  """The Flax `nn.Dense` parameter subtree `{"kernel": [d, k], "bias": [k]}` of a DFR result.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import dense_params, fit_dfr
+    >>> groups = np.repeat(np.arange(4), 10)
+    >>> embeddings = np.random.default_rng(0).normal(size=(40, 8)) + (groups // 2)[:, None]
+    >>> head = dense_params(fit_dfr(embeddings, groups // 2, groups, num_classes=2,
+    ...                             c_grid=(1.0,), num_refits=2))
+    >>> head["kernel"].shape, head["bias"].shape
+    ((8, 2), (2,))
+  """
   return {"kernel": jnp.asarray(result.kernel), "bias": jnp.asarray(result.bias)}
 
 
@@ -405,6 +416,16 @@ def fit_dfr(
   Raises:
     ValueError: mismatched lengths, fewer than 2 classes, a class without
       examples, or a group with fewer than 2 examples.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import fit_dfr
+    >>> groups = np.repeat(np.arange(4), 10)                  # g = 2 * y + a
+    >>> labels = groups // 2
+    >>> embeddings = np.random.default_rng(0).normal(size=(40, 8)) + labels[:, None]
+    >>> result = fit_dfr(embeddings, labels, groups, num_classes=2, c_grid=(1.0, 0.1), num_refits=2)
+    >>> result.kernel.shape, result.bias.shape, result.best_c in (1.0, 0.1)
+    ((8, 2), (2,), True)
   """
   x = np.asarray(embeddings, np.float32)
   labels = np.asarray(labels).astype(np.int64)

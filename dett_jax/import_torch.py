@@ -103,6 +103,16 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   A dict wrapping the state dict under "state_dict" or "model" is unwrapped and a
   "module." prefix (DataParallel) is stripped. Raises TorchImportError on unreadable
   files, refused pickles, unknown extensions and non-tensor entries.
+
+  Examples:
+    >>> import os, tempfile, numpy as np
+    >>> from safetensors.numpy import save_file
+    >>> from dett_jax import load_state_dict
+    >>> directory = tempfile.TemporaryDirectory()              # removed when collected
+    >>> path = os.path.join(directory.name, "teacher.safetensors")
+    >>> save_file({"fc.weight": np.ones((2, 64), np.float32), "fc.bias": np.zeros(2, np.float32)}, path)
+    >>> sorted((key, value.shape) for key, value in load_state_dict(path).items())
+    [('fc.bias', (2,)), ('fc.weight', (2, 64))]
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no checkpoint file at {path}")
@@ -268,6 +278,26 @@ def torchvision_to_flax(
   `num_classes=None` takes the class count from `fc.weight` (no head without `fc`).
   Returns ({"params", "batch_stats"} of float32 numpy arrays, report). Raises
   ImportMismatchError when an expected key is missing or a tensor has the wrong shape.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import torchvision_to_flax
+    >>> def bn(name, c):  # torchvision's BatchNorm2d entries
+    ...   return {f"{name}.{k}": np.ones(c, np.float32)
+    ...           for k in ("weight", "bias", "running_mean", "running_var")}
+    >>> state_dict = {"conv1.weight": np.ones((8, 3, 3, 3), np.float32), **bn("bn1", 8),
+    ...               "fc.weight": np.ones((2, 64), np.float32), "fc.bias": np.zeros(2, np.float32)}
+    >>> for i, (c_in, c) in enumerate([(8, 8), (8, 16), (16, 32), (32, 64)], start=1):  # ResNet-10
+    ...   block = f"layer{i}.0"
+    ...   state_dict.update({f"{block}.conv1.weight": np.ones((c, c_in, 3, 3), np.float32),
+    ...                      f"{block}.conv2.weight": np.ones((c, c, 3, 3), np.float32),
+    ...                      **bn(f"{block}.bn1", c), **bn(f"{block}.bn2", c)})
+    ...   if c_in != c:
+    ...     state_dict.update({f"{block}.downsample.0.weight": np.ones((c, c_in, 1, 1), np.float32),
+    ...                        **bn(f"{block}.downsample.1", c)})
+    >>> variables, report = torchvision_to_flax(state_dict, depth=10, width=0.125, stem="small")
+    >>> variables["params"]["conv_init"]["kernel"].shape, variables["params"]["head"]["kernel"].shape
+    ((3, 3, 3, 8), (64, 2))
   """
   if num_classes is None and "fc.weight" in state_dict:
     num_classes = int(np.shape(state_dict["fc.weight"])[0])

@@ -37,6 +37,13 @@ def group_sums(
 
   Returns:
     [num_groups] float32 array of sums.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dett_jax import group_sums
+    >>> correct = jnp.array([1.0, 0.0, 1.0, 1.0])
+    >>> group_sums(correct, groups=jnp.array([0, 0, 3, 1]), mask=jnp.array([1, 1, 1, 0]), num_groups=4)
+    Array([1., 0., 0., 1.], dtype=float32)
   """
   values = jnp.asarray(values, jnp.float32) * jnp.asarray(mask, jnp.float32)
   return jax.ops.segment_sum(
@@ -46,10 +53,17 @@ def group_sums(
 class GroupAccumulator:
   """Host-side accumulator of named per-group sums (float64, by addition).
 
-  Example:
-    acc = GroupAccumulator()
-    acc.update(correct=c, count=n)   # c, n: [G] arrays (numpy or jax)
-    totals = acc.totals()            # {"correct": [G], "count": [G]}
+  Add each batch's `group_sums` outputs (`[G]` arrays, numpy or jax) with `update`, then
+  turn the `totals()` into metrics with `group_accuracy_metrics`.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import GroupAccumulator
+    >>> acc = GroupAccumulator()
+    >>> acc.update(correct=np.array([3, 1, 0, 2]), count=np.array([4, 2, 1, 2]))   # batch 1
+    >>> acc.update(correct=np.array([1, 0, 1, 0]), count=np.array([1, 1, 1, 1]))   # batch 2
+    >>> {name: total.tolist() for name, total in acc.totals().items()}
+    {'correct': [4.0, 1.0, 1.0, 2.0], 'count': [5.0, 3.0, 2.0, 3.0]}
   """
 
   def __init__(self) -> None:
@@ -99,6 +113,14 @@ def group_accuracy_metrics(
   Returns:
     Dict with "{split}/acc/group_{y}_{a}", "{split}/worst_group_acc",
     "{split}/avg_acc" and "{split}/adj_avg_acc" (fractions in [0, 1]).
+
+  Examples:
+    >>> from dett_jax import group_accuracy_metrics
+    >>> metrics = group_accuracy_metrics([3, 1, 2, 4], [4, 2, 2, 5], [70, 4, 1, 25], split="test")
+    >>> {k: round(v, 3) for k, v in metrics.items()}  # doctest: +NORMALIZE_WHITESPACE
+    {'test/acc/group_0_0': 0.75, 'test/acc/group_0_1': 0.5, 'test/acc/group_1_0': 1.0,
+     'test/acc/group_1_1': 0.8, 'test/worst_group_acc': 0.5, 'test/avg_acc': 0.769,
+     'test/adj_avg_acc': 0.755}
   """
   correct = np.asarray(correct, dtype=np.float64)
   count = np.asarray(count, dtype=np.float64)

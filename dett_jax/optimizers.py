@@ -1,5 +1,6 @@
 """Optimizers from a stage's optim config: SGD, AdamW, LARS, LAMB; warmup + cosine;
-learning-rate scaling with the batch size; gradient accumulation.
+learning-rate scaling with the batch size; gradient accumulation. And `freeze`, which
+keeps parameter subtrees (a transplanted head) out of any optax optimizer.
 
 Fields of an optim config (see configs/synthetic.py `optim`):
   optimizer         sgd | adamw | lars | lamb
@@ -14,10 +15,12 @@ Fields of an optim config (see configs/synthetic.py `optim`):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import optax
+
+from dett_jax.sharding import path_name
 
 OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 LR_SCALING = ("none", "linear", "sqrt")
@@ -63,3 +66,56 @@ def make_optimizer(optim: Any, steps_per_epoch: int, batch_size: int = 256
   else:
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
   return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
+
+
+def freeze(tx: optax.GradientTransformation, frozen_paths: Sequence[str | Sequence[str]]
+           ) -> optax.GradientTransformation:
+  """`tx` for every parameter except the subtrees at `frozen_paths`, whose updates are 0.
+
+  Built from `optax.multi_transform` and `optax.set_to_zero`: frozen leaves get no
+  optimizer state and a zero update (weight decay included), so they stay bit-identical.
+  This lets a transplanted head live inside a single parameter tree. A path is a
+  "/"-separated string of keys ("head", "student/head") or a sequence of keys; it
+  freezes every leaf at or below it. Works on any pytree of parameters (nested dicts,
+  `nnx.State`).
+
+  Args:
+    tx: the optimizer of the trainable parameters.
+    frozen_paths: subtrees to freeze; each must match at least one leaf (else ValueError
+      at `init`, naming the path).
+
+  Returns:
+    The combined `optax.GradientTransformation`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from dett_jax import freeze
+    >>> params = {"backbone": {"w": jnp.ones(2)}, "head": {"kernel": jnp.ones((2, 2))}}
+    >>> tx = freeze(optax.adamw(0.1, weight_decay=0.5), ["head"])
+    >>> opt_state = tx.init(params)
+    >>> grads = {"backbone": {"w": jnp.ones(2)}, "head": {"kernel": jnp.ones((2, 2))}}
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> print(params["head"]["kernel"], params["backbone"]["w"].round(3))  # head unchanged
+    [[1. 1.]
+     [1. 1.]] [0.85 0.85]
+  """
+  prefixes = [tuple(p.strip("/").split("/")) if isinstance(p, str) else tuple(map(str, p))
+              for p in frozen_paths]
+
+  def labels(params: Any) -> Any:
+    names = [tuple(path_name(path).split("/"))
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for prefix in prefixes:
+      if not any(name[:len(prefix)] == prefix for name in names):
+        top = sorted({"/".join(name[:len(prefix)]) for name in names})
+        raise ValueError(f"freeze: no parameter at {'/'.join(prefix)!r}; paths at that depth: "
+                         f"{', '.join(top[:10])}")
+
+    def label(path: tuple, _: Any) -> str:
+      name = tuple(path_name(path).split("/"))
+      return "frozen" if any(name[:len(p)] == p for p in prefixes) else "trainable"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

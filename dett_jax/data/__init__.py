@@ -17,7 +17,27 @@ LOADERS = ("synthetic", "metadata_csv", "celeba")
 
 
 def load_splits(data_config: Any) -> dict[str, Split]:
-  """Loads the train/val/test splits named by `config.data`."""
+  """Loads the train/val/test splits named by `config.data` (a ConfigDict or a dict).
+
+  `name` picks the loader (`synthetic`, `metadata_csv`, `celeba`); the other fields are
+  the loader's (see `configs/synthetic.py`, `configs/waterbirds.py`, `configs/celeba.py`).
+  For the built-in benchmark: `image_size`, `train_size`, `val_size`, `test_size`, and
+  optionally `seed` (0), `class_shapes` ((3, 2)), `noise` (0.05), `faint` (0.15).
+
+  Returns:
+    {"train", "val", "test"} -> `Split`; the training split of the built-in benchmark is
+    95% correlated (Waterbirds' group proportions), val and test are balanced per class.
+
+  Examples:
+    >>> from dett_jax import load_splits
+    >>> splits = load_splits({"name": "synthetic", "image_size": 16, "train_size": 100,
+    ...                       "val_size": 20, "test_size": 20})
+    >>> splits["train"].images.shape, splits["train"].group_counts().tolist()
+    ((100, 16, 16, 3), [74, 3, 1, 22])
+  """
+  if isinstance(data_config, dict):
+    import ml_collections
+    data_config = ml_collections.ConfigDict(data_config)
   name = data_config.name
   if name == "synthetic":
     return _synthetic(data_config)
@@ -49,9 +69,9 @@ def _synthetic(data_config: Any) -> dict[str, Split]:
   for split, size in sizes.items():
     if size < 8:
       raise DataError(f"data.{split}_size={size} is too small; use at least 8 examples")
-  return {split: make_split(split, size, data_config.image_size, data_config.seed,
-                            tuple(data_config.class_shapes), data_config.noise,
-                            data_config.faint)
+  return {split: make_split(split, size, data_config.image_size, data_config.get("seed", 0),
+                            tuple(data_config.get("class_shapes", (3, 2))),
+                            data_config.get("noise", 0.05), data_config.get("faint", 0.15))
           for split, size in sizes.items()}
 
 

@@ -80,7 +80,23 @@ class TfdsImages:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """How examples become network inputs (see the module docstring)."""
+  """How examples become network inputs: augmentation, resizing and normalisation.
+
+  `train(image, rng)` augments one uint8 `[h, w, 3]` image (`pad_crop`: edge-pad `pad`,
+  random crop, flip; `random_resized_crop`; or `none`); `eval(image)` resizes and
+  centre-crops it deterministically; `normalize(images)` gives float32
+  `(pixel - mean) / std`. `Preprocess.from_config(config.data)` reads the fields of a
+  data config.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import Preprocess
+    >>> preprocess = Preprocess(image_size=16)
+    >>> image = np.full((16, 16, 3), 255, np.uint8)
+    >>> augmented = preprocess.train(image, np.random.default_rng(0))
+    >>> augmented.shape, float(preprocess.normalize(augmented).max())
+    ((16, 16, 3), 1.9921875)
+  """
 
   image_size: int
   train_transform: str = "pad_crop"

@@ -25,8 +25,44 @@ from dett_jax.data.split import Split
 Batch = dict[str, np.ndarray]
 
 
+def find_error_set(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """The error set E: indices of the examples the identification model gets wrong.
+
+  Args:
+    predictions: the identification model's predicted classes `[n]` (int), or its logits
+      `[n, k]` (argmax taken), on the training set in dataset order.
+    labels: the training labels `[n]`.
+
+  Returns:
+    int64 `[m]` sorted indices i with prediction_i != label_i.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import find_error_set
+    >>> find_error_set(np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]]), np.array([0, 0, 1]))
+    array([1, 2])
+  """
+  predictions = np.asarray(predictions)
+  labels = np.asarray(labels)
+  if predictions.ndim == 2:
+    predictions = predictions.argmax(-1)
+  if predictions.shape != labels.shape:
+    raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} differ in shape")
+  return np.flatnonzero(predictions != labels).astype(np.int64)
+
+
 def example_weights(num_examples: int, error_set: np.ndarray | None, lambda_up: float) -> np.ndarray:
-  """Per-example weights `[n]`: `lambda_up` for the error set, 1 elsewhere."""
+  """Per-example weights `[n]`: `lambda_up` for the error set, 1 elsewhere (float32).
+
+  The loss-weight realisation of DeTT's reweighting: put `weights[indices]` in each
+  batch as `weight` (see `make_dett_step`).
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import example_weights
+    >>> example_weights(5, np.array([1, 3]), lambda_up=20.0)
+    array([ 1., 20.,  1., 20.,  1.], dtype=float32)
+  """
   weights = np.ones(num_examples, np.float32)
   if error_set is not None and len(error_set):
     weights[np.asarray(error_set)] = lambda_up
@@ -34,13 +70,81 @@ def example_weights(num_examples: int, error_set: np.ndarray | None, lambda_up: 
 
 
 def upsampled_indices(num_examples: int, error_set: np.ndarray | None, lambda_up: int) -> np.ndarray:
-  """Index list where each error-set example appears `lambda_up` times (others once)."""
+  """Index list `[n + (lambda_up - 1) * m]`: each error-set example `lambda_up` times, others once.
+
+  The upsampling realisation of DeTT's reweighting (as JTT): draw each epoch from this
+  list, shuffled anew every epoch. `lambda_up` must be an integer >= 1.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import upsampled_indices
+    >>> upsampled_indices(4, np.array([2]), lambda_up=3)
+    array([0, 1, 2, 2, 2, 3])
+  """
   if int(lambda_up) != lambda_up or lambda_up < 1:
     raise ValueError(f"upsampling needs an integer lambda_up >= 1, got {lambda_up}")
   counts = np.ones(num_examples, np.int64)
   if error_set is not None and len(error_set):
     counts[np.asarray(error_set)] = int(lambda_up)
   return np.repeat(np.arange(num_examples), counts)
+
+
+class _UpsampledMapDataset(grain.MapDataset):
+  """`parent[indices[k]]` as element k (the element at epoch e: parent epoch e)."""
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent: grain.MapDataset, indices: np.ndarray):
+    super().__init__(parent)
+    self._indices = np.asarray(indices, np.int64)
+    self._parent_length = len(parent)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def _parent_index(self, index: int) -> int:
+    epoch, offset = divmod(int(index), len(self._indices))
+    return int(self._indices[offset]) + epoch * self._parent_length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    with self._stats.record_self_time():
+      parent_index = self._parent_index(index)
+    return self._parent[parent_index]
+
+  def __str__(self) -> str:
+    return f"UpsampledMapDataset(len={len(self)})"
+
+
+def upsample(dataset: grain.MapDataset, error_set: np.ndarray | None,
+             lambda_up: int) -> grain.MapDataset:
+  """The grain upsampling transform: `dataset` with each error-set element `lambda_up` times.
+
+  Element order is the index order of `upsampled_indices`; shuffle after it
+  (`.shuffle(seed)`: grain reshuffles every epoch when the result is `.repeat()`-ed) and
+  batch as usual. Random-access and lazy: elements are read from `dataset` on access.
+
+  Args:
+    dataset: a `grain.MapDataset` of n training examples, in the order the error set
+      indexes (dataset order).
+    error_set: int `[m]` indices into `dataset` (e.g. from `find_error_set`), or None.
+    lambda_up: integer >= 1, how many times each error-set example appears.
+
+  Returns:
+    A `grain.MapDataset` of `n + (lambda_up - 1) * m` elements.
+
+  Examples:
+    >>> import grain, numpy as np
+    >>> from dett_jax import upsample
+    >>> ds = grain.MapDataset.range(10, 13)                     # examples 0, 1, 2
+    >>> list(upsample(ds, np.array([1]), lambda_up=3))
+    [10, 11, 11, 11, 12]
+    >>> epoch = upsample(ds, np.array([1]), lambda_up=3).shuffle(seed=0).batch(5)
+    >>> sorted(epoch[0].tolist())
+    [10, 11, 11, 11, 12]
+  """
+  return _UpsampledMapDataset(dataset, upsampled_indices(len(dataset), error_set, lambda_up))
 
 
 def _gather(split: Split, indices: np.ndarray, weights: np.ndarray | None,
@@ -72,6 +176,16 @@ def train_epoch(split: Split, index_list: np.ndarray, *, global_batch_size: int,
   its rows of this batch. The last incomplete batch is dropped. Each example's augmentation is drawn from
   `(seed, epoch, position in the epoch)`, so it does not depend on the number of
   processes or workers.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import load_splits, train_epoch, upsampled_indices
+    >>> train = load_splits({"name": "synthetic", "image_size": 16, "train_size": 40,
+    ...                      "val_size": 8, "test_size": 8})["train"]
+    >>> index_list = upsampled_indices(len(train), np.array([3, 7]), lambda_up=5)   # 48 indices
+    >>> epoch = train_epoch(train, index_list, global_batch_size=16, epoch=0, seed=0)
+    >>> len(epoch), epoch[0]["image"].shape, sorted(epoch[0])
+    (3, (16, 16, 16, 3), ['group', 'image', 'index', 'label', 'mask', 'weight'])
   """
   if global_batch_size % process_count:
     raise ValueError(f"batch size {global_batch_size} is not divisible by {process_count} processes")

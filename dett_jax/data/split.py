@@ -22,13 +22,21 @@ class ImageSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split.
+  """One split of a data set: images, class labels and spurious attributes.
 
   images: a uint8 array `[n, h, w, 3]`, or an `ImageSource` that decodes on access
     (files, a TFDS data source); the pipeline resizes and crops as configured.
     In-memory arrays are checked on construction (`check`): shape and finite pixels.
   labels, attrs: int `[n]`; groups = labels * num_attrs + attrs.
   name: the split's name in error messages ("train", ...).
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import Split
+    >>> split = Split(np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 0, 1, 1]),
+    ...               attrs=np.array([0, 1, 1, 1]))
+    >>> split.groups.tolist(), split.group_counts().tolist()
+    ([0, 1, 3, 3], [1, 1, 0, 2])
   """
 
   images: Any

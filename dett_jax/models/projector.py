@@ -14,7 +14,17 @@ PROJECTORS = ("identity", "linear", "simkd", "simkd_dw")
 
 
 def align_spatial(x: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Average-pools the larger of two `[b, h, w, c]` maps down to the smaller's h, w."""
+  """Average-pools the larger of two `[b, h, w, c]` maps down to the smaller's h, w.
+
+  The sizes must divide (ValueError otherwise); channels may differ.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dett_jax import align_spatial
+    >>> student_map, teacher_map = align_spatial(jnp.ones((2, 8, 8, 16)), jnp.ones((2, 4, 4, 64)))
+    >>> student_map.shape, teacher_map.shape
+    ((2, 4, 4, 16), (2, 4, 4, 64))
+  """
   def pool_to(a, h, w):
     ah, aw = a.shape[1:3]
     if (ah, aw) == (h, w):
@@ -37,6 +47,18 @@ class Projector(nn.Module):
   output is float32, so the feature loss is computed in float32.
   small_map_conv: 3x3 convolutions on maps smaller than 3x3 as patches x matrix
   (see `dett_jax.models.conv`).
+
+  Call it as `projector.apply(variables, student_map, train=...)`; with BatchNorm
+  ("simkd", "simkd_dw") training mode needs `mutable=["batch_stats"]`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from dett_jax import Projector
+    >>> projector = Projector("simkd", teacher_channels=64)       # bottleneck width 32
+    >>> student_map = jnp.ones((2, 4, 4, 16))
+    >>> variables = jax.eval_shape(projector.init, jax.random.key(0), student_map)
+    >>> sorted(variables), jax.eval_shape(projector.apply, variables, student_map).shape
+    (['batch_stats', 'params'], (2, 4, 4, 64))
   """
 
   kind: str

@@ -141,7 +141,26 @@ STAGES: dict[int, tuple[tuple[int, ...], ModuleDef]] = {
 def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem: str = "imagenet",
                   dtype: Any = jnp.float32, small_map_conv: bool = False,
                   pointwise_dot: bool = False, patches_everywhere: bool = False) -> ResNet:
-  """Builds ResNet-`depth` (10, 18, 34 or 50)."""
+  """Builds ResNet-`depth` (10, 18, 34 or 50), a Linen module.
+
+  `model.apply(variables, images [b, h, w, 3], train=...)` returns `feature_map`
+  `[b, h', w', c]` (the last stage, before pooling), `features` `[b, c]` (pooled) and,
+  with `num_classes`, `logits` `[b, num_classes]` from the Dense submodule `head`.
+  Stage widths are `round(64 * width) * 2**i`; `stem="small"` keeps full resolution for
+  32-pixel images (the last map is then 1/8 of the input). See `ResNet` in
+  `dett_jax.models.resnet` for `dtype`, `small_map_conv`, `pointwise_dot` and
+  `patches_everywhere`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from dett_jax import create_resnet
+    >>> model = create_resnet(18, num_classes=2, width=0.125, stem="small")
+    >>> images = jnp.zeros((1, 32, 32, 3))
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    >>> out = jax.eval_shape(model.apply, variables, images)
+    >>> out["feature_map"].shape, out["logits"].shape, variables["params"]["head"]["kernel"].shape
+    ((1, 4, 4, 64), (1, 2), (64, 2))
+  """
   if depth not in STAGES:
     raise ValueError(f"model depth must be one of 10, 18, 34, 50; got {depth}")
   if stem not in ("imagenet", "small"):

@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from dett_jax import objectives
+from dett_jax.dett import apply_projector, matched_feature_loss
 from dett_jax.methods import Method
 from dett_jax.metrics import group_sums
 from dett_jax.models.projector import align_spatial
@@ -37,13 +38,41 @@ class TrainState:
 
 
 def create_state(params: Tree, batch_stats: Tree, tx: optax.GradientTransformation) -> TrainState:
+  """The bundled trainer's state at step 0: `params`, `batch_stats` and `tx.init(params)`.
+
+  Both trees are laid out by role: `{"student": ..., "projector": ...}` (and `"head"` in
+  `params` for methods that train their own head).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from dett_jax import create_state
+    >>> state = create_state({"student": {"w": jnp.ones(3)}}, {"student": {}}, optax.sgd(0.1))
+    >>> int(state.step), state.params["student"]["w"].shape
+    (0, (3,))
+  """
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params))
 
 
 @flax.struct.dataclass
 class Networks:
-  """The modules a step applies (static)."""
+  """The modules the bundled trainer's steps apply (static, not traced).
+
+  Attributes:
+    student: Linen module; `apply(..., train=)` returns a dict with `logits` (methods
+      with their own head) or `feature_map` `[b, h, w, c]` (feature methods).
+    projector: Linen module for feature methods (e.g. `Projector`), else None.
+    teacher: Linen module returning `feature_map` and `features` (methods with a
+      teacher), else None.
+
+  Examples:
+    >>> from dett_jax import Networks, Projector, create_resnet
+    >>> networks = Networks(student=create_resnet(10, None, width=0.0625, stem="small"),
+    ...                     projector=Projector("linear", teacher_channels=64),
+    ...                     teacher=create_resnet(18, 2, width=0.125, stem="small"))
+    >>> networks.projector.kind
+    'linear'
+  """
 
   student: nn.Module = flax.struct.field(pytree_node=False)
   projector: nn.Module | None = flax.struct.field(pytree_node=False, default=None)
@@ -79,10 +108,9 @@ def student_outputs(networks: Networks, method: Method, params: Tree, batch_stat
   new_batch_stats = {"student": new_stats.get("batch_stats", batch_stats["student"])}
   if method.objective != "feature":
     return {"logits": out["logits"]}, new_batch_stats
-  variables = {"params": params["projector"], "batch_stats": batch_stats.get("projector", {})}
-  projected = networks.projector.apply(variables, out["feature_map"], train=train, mutable=mutable)
-  projected, new_stats = projected if train else (projected, {})
-  new_batch_stats["projector"] = new_stats.get("batch_stats", batch_stats.get("projector", {}))
+  projected, new_batch_stats["projector"] = apply_projector(
+      networks.projector, params["projector"], batch_stats.get("projector", {}),
+      out["feature_map"], train)
   head = frozen["head"] if method.transplant else params["head"]
   pooled = jnp.mean(projected, axis=(1, 2))
   # Without transplant, the head learns on the matched features only (no gradient
@@ -106,10 +134,8 @@ def method_loss(method: Method, student: dict, teacher: dict | None, batch: Batc
     loss = (1.0 - config.kd_ce_weight) * kd + config.kd_ce_weight * ce
     parts = {"kd_loss": kd, "ce_loss": ce}
   else:
-    s_map, t_map = align_spatial(student["projected"], teacher["feature_map"])
-    if config.match == "pooled":
-      s_map, t_map = jnp.mean(s_map, axis=(1, 2)), jnp.mean(t_map, axis=(1, 2))
-    loss = objectives.feature_loss(s_map, t_map, weights)
+    loss = matched_feature_loss(student["projected"], teacher["feature_map"], weights,
+                                config.match)
     parts = {"feature_loss": loss}
     if method.trains_head:
       ce = objectives.weighted_mean(objectives.cross_entropy(student["logits"], batch["label"]), weights)
@@ -163,12 +189,37 @@ def train_update(networks: Networks, method: Method, tx: optax.GradientTransform
 
 def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransformation,
                     config: Any) -> Callable:
-  """Returns `step(state, batch, frozen) -> (state, metrics)` (pure; jit it with shardings).
+  """Returns the bundled trainer's `step(state, batch, frozen) -> (state, metrics)` (pure).
+
+  `method` is one of `dett_jax.methods.METHODS` (dett, kd, kd_up, simkd,
+  dett_no_transplant, erm, jtt); `config` holds its loss settings (`temperature`,
+  `kd_ce_weight`, `match`; a `config.distill`). The batch holds `image [b, h, w, 3]`,
+  `label`, `weight`, `mask` `[b]`; `frozen` holds `teacher` (variables), `teacher_head`
+  and, when transplanting, `head`. For DeTT in your own loop, `make_dett_step` takes any
+  model as a function instead of `networks`.
 
   `metrics` holds `loss`, `train_acc`, `grad_norm`, the loss parts, and the flags
   `nonfinite_loss` / `nonfinite_grad` (1.0 when this batch's loss / a gradient is NaN or
   infinite; the update is then not applied: parameters, BatchNorm statistics and
   optimizer state stay as they were).
+
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+    >>> from dett_jax import Networks, create_state, make_train_step
+    >>> from dett_jax.methods import METHODS
+    >>> class Linear(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train=False):
+    ...     return {"logits": nn.Dense(2)(x.reshape(x.shape[0], -1))}
+    >>> images = jnp.ones((4, 2, 2, 3))
+    >>> params = {"student": Linear().init(jax.random.key(0), images)["params"]}
+    >>> tx = optax.sgd(0.1)
+    >>> step = jax.jit(make_train_step(Networks(student=Linear()), METHODS["erm"], tx, config=None))
+    >>> batch = {"image": images, "label": jnp.array([0, 1, 0, 1]), "weight": jnp.ones(4),
+    ...          "mask": jnp.ones(4)}
+    >>> state, metrics = step(create_state(params, {"student": {}}, tx), batch, {})
+    >>> int(state.step), float(metrics["nonfinite_loss"])
+    (1, 0.0)
   """
 
   def step(state: TrainState, batch: Batch, frozen: Tree) -> tuple[TrainState, dict]:
@@ -247,7 +298,33 @@ def make_eval_step(networks: Networks, method: Method | None, num_groups: int,
 
 def jit_train_step(step: Callable, mesh: Mesh, state: TrainState, frozen: Tree) -> Callable:
   """`jax.jit` of a train step: batch sharded over `data`; state and frozen trees keep
-  the shardings they have (replicated, or FSDP via `sharding.place`); state donated."""
+  the shardings they have (replicated, or FSDP via `sharding.place`); state donated.
+
+  `mesh` has a `data` axis (the bundled trainer's mesh is `(data, model)`); the batch
+  must be a global array sharded over it (or fit on one device).
+
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
+    >>> from jax.sharding import Mesh
+    >>> from dett_jax import Networks, create_state, jit_train_step, make_train_step
+    >>> from dett_jax.methods import METHODS
+    >>> class Linear(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train=False):
+    ...     return {"logits": nn.Dense(2)(x.reshape(x.shape[0], -1))}
+    >>> images = jnp.ones((4, 2, 2, 3))
+    >>> tx = optax.sgd(0.1)
+    >>> state = create_state({"student": Linear().init(jax.random.key(0), images)["params"]},
+    ...                      {"student": {}}, tx)
+    >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    >>> step = jit_train_step(make_train_step(Networks(student=Linear()), METHODS["erm"], tx, None),
+    ...                       mesh, state, {})
+    >>> batch = {"image": images, "label": jnp.array([0, 1, 0, 1]), "weight": jnp.ones(4),
+    ...          "mask": jnp.ones(4)}
+    >>> state, metrics = step(state, batch, {})
+    >>> int(state.step)
+    1
+  """
   rep, data = replicated(mesh), batch_sharding(mesh)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
