@@ -27,7 +27,7 @@ TINY = {  # the pipeline at test size, for the real-data configs
     "teacher.dfr_num_refits": 2, "teacher.dfr_c_grid": (1.0, 0.1),
     "batch_size": 16, "eval_batch_size": 32, "log_every_steps": 2,
     "teacher.optim.epochs": 1, "identification.epochs": 1, "distill.optim.epochs": 1,
-    "distill.lambda_up": 3.0, "distill.methods": "dett,kd",
+    "distill.lambda_up": 3.0, "distill.methods": "dett",  # every method: test_end_to_end
 }
 
 
@@ -300,7 +300,7 @@ def test_file_pipeline_batches_match_across_worker_counts(folder):
 # ---------------------------------------------------------------------------
 
 def check_run(workdir, results):
-  assert set(results["models"]) == {"teacher_erm", "teacher_dfr", "student_dett", "student_kd"}
+  assert set(results["models"]) == {"teacher_erm", "teacher_dfr", "student_dett"}
   for entry in results["models"].values():
     assert sum(k.startswith("test/acc/group_") for k in entry["metrics"]) == 4
     assert 0 <= entry["metrics"]["test/worst_group_acc"] <= 1
