@@ -49,7 +49,7 @@ SETTINGS: dict[str, Any] = {
                 "learning_rate": 3e-3},   # only when no --teacher is given
     "identification": {"steps": 30, "learning_rate": 3e-3},
     "student": {"depth": 10, "width": 0.0625, "stem": "small"},
-    "distill": {"lambda_up": 20, "projector": "simkd", "epochs": 6, "learning_rate": 5e-3,
+    "distill": {"lambda_up": 20, "projector": "simkd", "epochs": 4, "learning_rate": 5e-3,
                 "weight_decay": 1e-4},
 }
 
