@@ -89,7 +89,7 @@ print(f'wheel-check: dett_jax {dett_jax.__version__} from {dett_jax.__file__}')"
 case "${1:-}" in
   demo) exec .venv/bin/python train.py --config=configs/synthetic.py --workdir="${2:-runs/demo}" ;;
   # Two worker processes (whole files each); PYTEST_WORKERS=0 runs in one process.
-  test) exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile tests ;;
+  test) exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder tests ;;
   docs)
     site="${2:-site}"
     .venv/bin/mkdocs build --strict --site-dir "$site"

@@ -131,21 +131,39 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
 
 
 def test_reproduce_summarizes_seeds(tmp_path):
-  out = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--seeds", "2",
-                        "--config", "configs/tiny.py", "--workdir", str(tmp_path), "--",
-                        "--config.distill.methods=dett", "--config.pretrain.enabled=False"],
-                       # 8 devices, like the in-process tests: their compilations are reused
-                       cwd=ROOT, env=dict(_env(), XLA_FLAGS=(
-                           f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")),
-                       capture_output=True, text=True, timeout=600)
+  def reproduce(seeds: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/reproduce.py", "--seeds", str(seeds),
+                           "--config", "configs/tiny.py", "--workdir", str(tmp_path), "--",
+                           "--config.distill.methods=dett", "--config.pretrain.enabled=False"],
+                          # 8 devices, like the in-process tests: their compilations are reused
+                          cwd=ROOT, env=dict(_env(), XLA_FLAGS=(
+                              f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")),
+                          capture_output=True, text=True, timeout=600)
+
+  out = reproduce(1)  # one real train.py run (seed 0)
   assert out.returncode == 0, out.stderr[-2000:]
+  assert "running:" in out.stdout and "--config.seed=0" in out.stdout
+  first = json.load(open(tmp_path / "seed_0" / "results.json"))
+  # A second seed's results, as its run would leave them: finished seeds are not re-run,
+  # and the summary is over both.
+  second = json.loads(json.dumps(first))
+  metrics = second["models"]["student_dett"]["metrics"]
+  metrics["test/worst_group_acc"] = 1.0 - metrics["test/worst_group_acc"]
+  os.makedirs(tmp_path / "seed_1")
+  json.dump(second, open(tmp_path / "seed_1" / "results.json", "w"))
+  out = reproduce(2)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "running:" not in out.stdout
   assert "| student_dett | dett |" in out.stdout and " ± " in out.stdout
   with open(tmp_path / "reproduce.json") as f:
     summary = json.load(f)
   assert len(summary["per_seed"]) == 2
   values = [s["student_dett"]["metrics"]["test/worst_group_acc"] for s in summary["per_seed"]]
-  mean = float(summary["rows"][2]["test/worst_group_acc"].split(" ± ")[0])
-  assert abs(mean - 100 * sum(values) / 2) < 0.051
+  assert values[1] == 1.0 - values[0]
+  row = next(r for r in summary["rows"] if r["model"] == "student_dett")
+  mean, std = (float(x) for x in row["test/worst_group_acc"].split(" ± "))
+  assert abs(mean - 50.0) < 0.051  # (v + 1 - v) / 2
+  assert abs(std - 100 * abs(values[0] - 0.5)) < 0.051
 
 
 def test_image_pipeline_benchmark_and_folder_generator(tmp_path):
