@@ -132,3 +132,26 @@ def test_pointwise_dot_conv_is_right_when_vmapped_and_sharded():
     shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("model")))
     np.testing.assert_allclose(np.asarray(fn(shard(x), shard(w))), np.asarray(ref),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 9, 3), (2, 8, 8, 5), (3, 16, 16, 4)])
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_max_pool_equals_flax_forward_and_backward(shape, values):
+  """`models.pool.max_pool` is `nn.max_pool` (3x3/2, padding 1) forward, and its
+  gradient goes to the same element of each window, ties included (first maximum)."""
+  import flax.linen as nn
+  from dett_jax.models.pool import max_pool
+  x = jax.random.normal(jax.random.key(0), shape)
+  if values == "ties":  # many equal maxima in a window, as after a ReLU
+    x = jax.nn.relu(jnp.round(x))
+  pads = ((1, 1), (1, 1))
+  ref_y, ref_vjp = jax.vjp(lambda v: nn.max_pool(v, (3, 3), (2, 2), pads), x)
+  y, vjp = jax.vjp(lambda v: max_pool(v, (3, 3), (2, 2), pads), x)
+  assert y.shape == ref_y.shape and bool(jnp.array_equal(y, ref_y))
+  g = jax.random.normal(jax.random.key(1), y.shape)
+  (ref_dx,), (dx,) = ref_vjp(g), vjp(g)
+  assert float(jnp.abs(ref_dx).sum()) > 0
+  assert float(jnp.max(jnp.abs(dx - ref_dx))) < 1e-5
+  # every output's gradient lands on exactly one input (no split between tied maxima)
+  ones = jnp.ones_like(y)
+  assert float(vjp(ones)[0].sum()) == pytest.approx(y.size)

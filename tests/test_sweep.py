@@ -7,6 +7,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from conftest import load_config
@@ -139,3 +140,27 @@ def test_tiny_sweep_stacked_equals_variant_by_variant(tmp_path):
   for run in stacked["runs"]:
     for key, value in run["metrics"].items():
       np.testing.assert_allclose(by_name[run["name"]][key], value, rtol=1e-5, err_msg=key)
+
+
+def test_stacked_step_guards_each_variant_alone():
+  """A variant whose loss is NaN keeps its state (only its step counts); the others train."""
+  method, mesh = METHODS["dett"], make_mesh(8, 1)
+  runs = [jax.tree.map(np.asarray, setup("dett", seed=s)) for s in (0, 1)]
+  networks, frozen = runs[0][1], runs[0][4]
+  tx = optax.adamw(1e-3)
+  states = place_stacked(stack([create_state(r[2], r[3], tx) for r in runs]), mesh, None)
+  weights = np.ones((2, 16), np.float32)
+  weights[1, 3] = np.nan  # variant 1's weighted loss is NaN
+  f = replicate({**frozen, "variants": {"weights": weights,
+                                        "lr_scale": np.ones(2, np.float32)}}, mesh)
+  before = jax.tree.map(np.array, (states.params, states.batch_stats, states.opt_state))
+  step = jit_train_step(make_stacked_train_step(networks, method, tx, LOSS_CONFIG), mesh, states, f)
+  b = dict(batch(n=16), index=np.arange(16, dtype=np.int32))
+  states, m = step(states, shard_batch(b, mesh), f)
+  np.testing.assert_array_equal(np.asarray(m["nonfinite_loss"]), [0.0, 1.0])
+  np.testing.assert_array_equal(np.asarray(states.step), [1, 1])
+  after = jax.tree.map(np.array, (states.params, states.batch_stats, states.opt_state))
+  for a, c in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a[1], c[1])  # the diverged variant: unchanged
+  assert any(not np.array_equal(a[0], c[0]) for a, c in
+             zip(jax.tree.leaves(before[0]), jax.tree.leaves(after[0])))

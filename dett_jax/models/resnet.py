@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dett_jax.models import conv as conv_lib
+from dett_jax.models import pool
 
 ModuleDef = Any
 # Symmetric padding of 1 for 3x3 windows, as torchvision pads (not "SAME", which pads
@@ -114,7 +115,7 @@ class ResNet(nn.Module):
     if self.stem == "imagenet":
       x = conv(base, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD3)
+      x = pool.max_pool(x, (3, 3), (2, 2), PAD3)
     else:
       x = conv(base, (3, 3), padding=PAD3, name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))

@@ -8,6 +8,7 @@ optimizer state, so they cannot change.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -15,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 from jax.sharding import Mesh
 
 from dett_jax import objectives
@@ -144,9 +146,44 @@ def method_loss(method: Method, student: dict, teacher: dict | None, batch: Batc
   return loss, parts
 
 
-def _all_finite(tree: Tree) -> jnp.ndarray:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def train_gradients(networks: Networks, method: Method, config: Any, state: TrainState,
+                    batch: Batch, frozen: Tree, teacher: dict | None
+                    ) -> tuple[Tree, Tree, dict, jnp.ndarray]:
+  """The student's gradients on one batch: (grads, new BatchNorm statistics, metrics, ok).
+
+  `ok` is False when the loss or the gradient's global norm is not finite (a NaN or
+  infinite gradient, or one whose norm overflows float32); `metrics` flags which.
+  """
+
+  def loss_fn(params):
+    student, new_stats = student_outputs(networks, method, params, state.batch_stats, frozen,
+                                         batch["image"], train=True)
+    loss, parts = method_loss(method, student, teacher, batch, config)
+    return loss, (new_stats, parts, student["logits"])
+
+  (loss, (new_stats, parts, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  loss_ok, grad_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
+  metrics = {"loss": loss, "train_acc": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
+             "grad_norm": grad_norm, **parts,
+             "nonfinite_loss": 1.0 - loss_ok.astype(jnp.float32),
+             "nonfinite_grad": 1.0 - grad_ok.astype(jnp.float32)}
+  return grads, new_stats, metrics, loss_ok & grad_ok
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: Tree,
+                    new_stats: Tree, lr_scale: jnp.ndarray | float | None = None) -> TrainState:
+  """`state` after one optimizer step with `grads` (updates times `lr_scale`)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if lr_scale is not None:
+    updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=new_stats, opt_state=opt_state)
+
+
+def _skipped(state: TrainState) -> TrainState:
+  return state.replace(step=state.step + 1)
 
 
 def train_update(networks: Networks, method: Method, tx: optax.GradientTransformation,
@@ -156,34 +193,13 @@ def train_update(networks: Networks, method: Method, tx: optax.GradientTransform
   """One optimizer step of the student given the teacher's outputs (None for methods
   without a teacher). `lr_scale` multiplies the updates (a learning-rate factor, e.g. one
   per stacked sweep variant). Returns (new state, metrics); see `make_train_step`."""
-
-  def loss_fn(params):
-    student, new_stats = student_outputs(networks, method, params, state.batch_stats, frozen,
-                                         batch["image"], train=True)
-    loss, parts = method_loss(method, student, teacher, batch, config)
-    return loss, (new_stats, parts, student["logits"])
-
-  (loss, (new_stats, parts, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  if lr_scale is not None:
-    updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
-  params = optax.apply_updates(state.params, updates)
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
-  grad_norm = optax.global_norm(grads)
-  loss_ok, grad_ok = jnp.isfinite(loss), _all_finite(grads)
-  metrics = {"loss": loss, "train_acc": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
-             "grad_norm": grad_norm, **parts,
-             "nonfinite_loss": 1.0 - loss_ok.astype(jnp.float32),
-             "nonfinite_grad": 1.0 - grad_ok.astype(jnp.float32)}
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                            opt_state=opt_state)
+  grads, new_stats, metrics, ok = train_gradients(networks, method, config, state, batch,
+                                                  frozen, teacher)
   # Divergence guard: a step with a non-finite loss or gradient changes nothing but
   # the step counter (the loop stops the run, or counts the skip; see training.loop).
-  ok = loss_ok & grad_ok
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  new_state = new_state.replace(params=keep(new_state.params, state.params),
-                                batch_stats=keep(new_state.batch_stats, state.batch_stats),
-                                opt_state=keep(new_state.opt_state, state.opt_state))
+  # A `cond`, not a `where` over every leaf, so a good step does no extra work.
+  new_state = lax.cond(ok, lambda: apply_gradients(tx, state, grads, new_stats, lr_scale),
+                       lambda: _skipped(state))
   return new_state, metrics
 
 
@@ -199,9 +215,10 @@ def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransf
   model as a function instead of `networks`.
 
   `metrics` holds `loss`, `train_acc`, `grad_norm`, the loss parts, and the flags
-  `nonfinite_loss` / `nonfinite_grad` (1.0 when this batch's loss / a gradient is NaN or
-  infinite; the update is then not applied: parameters, BatchNorm statistics and
-  optimizer state stay as they were).
+  `nonfinite_loss` / `nonfinite_grad` (1.0 when this batch's loss / the gradient's global
+  norm is NaN or infinite, i.e. some gradient is, or the norm overflows float32; the
+  update is then not applied: parameters, BatchNorm statistics and optimizer state stay
+  as they were).
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
@@ -247,12 +264,21 @@ def make_stacked_train_step(networks: Networks, method: Method,
                else None)
     shared = {k: v for k, v in frozen.items() if k != "variants"}
 
-    def one(state, weights, lr_scale):
-      return train_update(networks, method, tx, config, state,
-                          dict(batch, weight=weights[batch["index"]]), shared, teacher, lr_scale)
+    def gradients(state, weights):
+      return train_gradients(networks, method, config, state,
+                             dict(batch, weight=weights[batch["index"]]), shared, teacher)
 
     v = frozen["variants"]
-    return jax.vmap(one)(states, v["weights"], v["lr_scale"])
+    grads, new_stats, metrics, ok = jax.vmap(gradients)(states, v["weights"])
+    apply_all = lambda: jax.vmap(functools.partial(apply_gradients, tx))(
+        states, grads, new_stats, v["lr_scale"])
+
+    def guarded():  # some variant diverged: only that one keeps its state
+      new, old = apply_all(), _skipped(states)
+      return jax.tree.map(lambda n, o: jnp.where(ok.reshape(ok.shape + (1,) * (n.ndim - 1)), n, o),
+                          new, old)
+
+    return lax.cond(jnp.all(ok), apply_all, guarded), metrics
 
   return step
 
