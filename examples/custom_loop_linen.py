@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "student": {"depth": 10, "width": 0.0625, "stem": "small"},
     "distill": {"lambda_up": 20, "projector": "simkd", "projector_factor": 2, "match": "map",
                 "select": "val_worst_group",
-                "optim": {"epochs": 4, "learning_rate": 5e-3, "weight_decay": 1e-4}},
+                "optim": {"epochs": 6, "learning_rate": 5e-3, "weight_decay": 1e-4}},
 }
 
 

@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "student": {"depth": 10, "width": 0.0625, "stem": "small"},
     "distill": {"lambda_up": 20, "projector": "simkd", "projector_factor": 2, "match": "map",
                 "select": "val_worst_group",
-                "optim": {"epochs": 4, "learning_rate": 5e-3, "weight_decay": 1e-4}},
+                "optim": {"epochs": 6, "learning_rate": 5e-3, "weight_decay": 1e-4}},
 }
 PAD = ((1, 1), (1, 1))  # symmetric padding of 3x3 windows (as torchvision and dett_jax pad)
 
@@ -282,8 +282,11 @@ def make_teacher(config: dict[str, Any], splits: dict[str, dett_jax.Split],
   train, seed = splits["train"], config["seed"]
   steps = lambda n: min(n, max_steps or n)
   # 1. Identification: ERM of the student's architecture, briefly; its training errors.
-  id_model = train_erm(create_model(config["student"], train.num_classes, seed + 2), train,
-                       preprocess, config, steps(config["identification"]["steps"]),
+  id_model = create_model(config["student"], train.num_classes, seed + 2)
+  # The student: the identification model's architecture and initial backbone, no head.
+  student = nnx.clone(id_model)
+  student.head = None
+  id_model = train_erm(id_model, train, preprocess, config, steps(config["identification"]["steps"]),
                        config["identification"]["learning_rate"], seed + 4)
   logits = nnx.jit(lambda model, images: model(images, train=False)["logits"])
   predictions = np.concatenate([np.asarray(logits(id_model, b["image"]))
@@ -297,9 +300,8 @@ def make_teacher(config: dict[str, Any], splits: dict[str, dett_jax.Split],
   print(f"error set: {len(error_set)} of {len(train)} training examples; teacher trained "
         f"{steps(arch['steps'])} steps (JTT)")
   head = {"kernel": teacher.head.kernel[...], "bias": teacher.head.bias[...]}
-  # The student: the identification model's architecture and initial backbone, no head.
   return {"teacher": teacher, "head": head, "error_set": error_set, "from_run": False,
-          "student": create_model(config["student"], None, seed + 2)}
+          "student": student}
 
 
 # ---------------------------------------------------------------------------
