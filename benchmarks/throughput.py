@@ -13,7 +13,10 @@ Flags (defaults: the demo's pair, configs/synthetic.py):
                              override it (demo: 18,0.125,small -> 10,0.125,small)
   --image_size 32 --batch 128 (global) --devices 1,2,8 --dtypes float32[,bfloat16]
   --rows dett,dett_cached,kd --steps 10 --warmup 2
-  --torch auto|no|only       also run benchmarks/torch_reference.py (auto: when importable)
+  --torch auto|no|only|interleaved   also run benchmarks/torch_reference.py (auto: when
+                             importable, in its own process after the JAX rows;
+                             interleaved: in the first JAX process, its steps taking turns
+                             with the JAX rows', so machine drift hits both alike)
   --xla_flags="--xla_..."    extra XLA_FLAGS (note the `=`); repeat to compare variants
   --breakdown                time separately-jitted pieces of the DeTT step
   --small_map_conv=auto|patches|xla   the models' setting (config.small_map_conv): maps
@@ -274,12 +277,29 @@ class Bench:
 
     return compiled, call, compile_s
 
-  def run_rows(self, rows: list[str]) -> list[dict]:
-    """Compiles every row, then times their steps taking turns (`time_interleaved`)."""
+  def run_rows(self, rows: list[str], torch_step: dict | None = None) -> list[dict]:
+    """Compiles every row, then times their steps taking turns (`time_interleaved`); with
+    `torch_step` (`torch_reference.prepare`), the PyTorch step takes its turn too."""
     prepared = [self.compile_row(row) for row in rows]
-    times = time_interleaved([call for _, call, _ in prepared], self.args.warmup,
-                             self.args.steps, self.jax.block_until_ready)
-    return [self.row_result(row, *p, t) for row, p, t in zip(rows, prepared, times)]
+    calls = [call for _, call, _ in prepared]
+    if torch_step is not None:
+      first = time.perf_counter()
+      torch_step["step"]()
+      torch_step["sync"]()
+      first = time.perf_counter() - first
+
+      def torch_call():
+        torch_step["loss"] = torch_step["step"]()[0]
+        torch_step["sync"]()
+
+      calls.append(torch_call)
+    times = time_interleaved(calls, self.args.warmup, self.args.steps,
+                             self.jax.block_until_ready)
+    out = [self.row_result(row, *p, t) for row, p, t in zip(rows, prepared, times)]
+    if torch_step is not None:
+      import torch_reference
+      out.append(torch_reference.result(torch_step, times[-1], first, float(torch_step["loss"])))
+    return out
 
   def row_result(self, row: str, compiled, call, compile_s: float, times: list[float]) -> dict:
     jax, args = self.jax, self.args
@@ -446,10 +466,13 @@ def child(args) -> None:
   from dett_jax.sharding import make_mesh
   # The matmul peak before and after the steps (the better counts): a CPU's rate drifts.
   before = matmul_peaks(jax, jnp, make_mesh(-1), size, peak_dtypes)
+  torch_dtypes = (args.torch_dtypes or args.dtypes).split(",")
   for dtype in dtypes:
     bench = Bench(args, dtype)
     out["params"] = bench.params()
-    for result in bench.run_rows(args.rows.split(",")):
+    torch_step = (interleaved_torch_step(args, dtype)
+                  if args.torch == "interleaved" and dtype in torch_dtypes else None)
+    for result in bench.run_rows(args.rows.split(","), torch_step):
       out["rows"].append(result)
       print(f"  {result['name']} {dtype} {out['devices']} devices: "
             f"{1e3 * result['step_s']:.1f} ms", file=sys.stderr, flush=True)
@@ -460,6 +483,8 @@ def child(args) -> None:
                       "peak": max(before[d]["peak"], after[d]["peak"])} for d in peak_dtypes}
   out["matmul_size"] = size
   for row in out["rows"] + out["breakdown"]:
+    if row.get("engine") == "torch":  # its own matmul peak, measured with torch
+      continue
     row["peak_gflops_per_s"] = out["peaks"][row["dtype"]]["peak"]
     row["utilisation"] = row["gflops_per_s"] / row["peak_gflops_per_s"]
     row["device"] = f"{out['device_kind']}" + (f" ({os.cpu_count()} cores)" if platform == "cpu"
@@ -467,6 +492,20 @@ def child(args) -> None:
     row["xla_flags"] = args.variant_flags
     row["small_map_conv"] = args.small_map_conv
   print(json.dumps(out))
+
+
+def interleaved_torch_step(args, dtype: str) -> dict:
+  """`torch_reference.prepare` of the same pair on this host's CPU (all cores), to time
+  in turns with the JAX rows (`--torch interleaved`)."""
+  sys.path.insert(0, HERE)
+  import torch
+  import torch_reference
+  torch.set_num_threads(os.cpu_count() or 1)
+  targs = argparse.Namespace(
+      teacher=args.teacher, student=args.student, image_size=args.image_size, batch=args.batch,
+      num_classes=args.num_classes, projector_factor=args.projector_factor, device="cpu",
+      memory_format="channels_last", optimizer_impl="foreach", matmul_size=args.matmul_size)
+  return torch_reference.prepare(targs, dtype)
 
 
 # --------------------------------------------------------------------------- parent process
@@ -482,8 +521,11 @@ def child_env(devices: int, extra_flags: str) -> dict:
   return env
 
 
-def run_child(args, devices: int, flags: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--variant_flags={flags}"]
+def run_child(args, devices: int, flags: str, torch_mode: str = "no") -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--variant_flags={flags}",
+         f"--torch={torch_mode}"]
+  if args.torch_dtypes:
+    cmd.append(f"--torch_dtypes={args.torch_dtypes}")
   for key in ("teacher", "student", "image_size", "batch", "dtypes", "rows", "steps", "warmup",
               "num_classes", "projector", "projector_factor", "optimizer", "config",
               "matmul_size", "profile_steps", "small_map_conv"):
@@ -579,7 +621,9 @@ def main(argv=None) -> None:
   parser.add_argument("--config", default=os.path.join(ROOT, "configs", "synthetic.py"),
                       help="config whose `distill` fields (and optimizer) the step uses")
   parser.add_argument("--matmul_size", type=int, default=0, help="0: 2048 on CPU, 8192 on GPU")
-  parser.add_argument("--torch", default="auto", choices=("auto", "no", "only"))
+  parser.add_argument("--torch", default="auto", choices=("auto", "no", "only", "interleaved"),
+                      help="interleaved: the PyTorch step in the first JAX process, timed in "
+                           "turns with the JAX rows (CPU)")
   parser.add_argument("--torch_device", default="cpu")
   parser.add_argument("--torch_dtypes", default="", help="default: --dtypes")
   parser.add_argument("--xla_flags", action="append", default=None,
@@ -608,12 +652,19 @@ def main(argv=None) -> None:
   results = {"args": {k: v for k, v in vars(args).items() if k not in ("child",)},
              "host": {"cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()},
              "rows": [], "breakdown": [], "profiles": []}
+  have_torch = importlib.util.find_spec("torch") is not None
+  if args.torch == "interleaved" and (args.torch_device != "cpu" or not have_torch):
+    parser.error("--torch interleaved times the PyTorch step on the CPU, and needs torch "
+                 "(pip install 'dett-jax[torch]')")
   if args.torch != "only":
+    first = True
     for flags in variants:
       for devices in [int(d) for d in args.devices.split(",")]:
         print(f"measuring {devices} device(s){' with ' + flags if flags else ''} ...",
               file=sys.stderr, flush=True)
-        out = run_child(args, devices, flags)
+        out = run_child(args, devices, flags, "interleaved" if args.torch == "interleaved"
+                        and first else "no")
+        first = False
         results["rows"] += out["rows"]
         results["breakdown"] += out["breakdown"]
         results["peaks_" + str(devices) + (f" {flags}" if flags else "")] = out["peaks"]
@@ -623,7 +674,6 @@ def main(argv=None) -> None:
           if "profile" in r:
             results["profiles"].append({"devices": devices, "xla_flags": flags,
                                         **r.pop("profile")})
-  have_torch = importlib.util.find_spec("torch") is not None
   if args.torch == "only" or (args.torch == "auto" and have_torch):
     print("measuring the PyTorch reference ...", file=sys.stderr, flush=True)
     torch_rows = run_torch(args)

@@ -158,7 +158,9 @@ def align(F, a, b):
   return pool(a), pool(b)
 
 
-def measure(args, dtype_name: str) -> dict:
+def prepare(args, dtype_name: str) -> dict:
+  """The models, optimizer and batch on the device, and `step()` running one DeTT step
+  (returns the loss tensor, not synchronised) with `sync()` to wait for it."""
   torch, F, teacher, student, proj, head_w, head_b = build(args)
   device = torch.device(args.device)
   cuda = device.type == "cuda"
@@ -204,6 +206,49 @@ def measure(args, dtype_name: str) -> dict:
     if cuda:
       torch.cuda.synchronize()
 
+  return {"torch": torch, "device": device, "cuda": cuda, "amp_dtype": amp_dtype,
+          "step": step, "sync": sync, "dtype": dtype_name, "args": args,
+          "models": (teacher, student, proj)}
+
+
+def result(prepared: dict, times: list[float], first_s: float, loss: float) -> dict:
+  """The row of a prepared step timed elsewhere: FLOPs counted on one more step, the
+  matmul peak measured now."""
+  torch, device, cuda, args = (prepared[k] for k in ("torch", "device", "cuda", "args"))
+  teacher, student, proj = prepared["models"]
+  from torch.utils.flop_counter import FlopCounterMode
+  with FlopCounterMode(display=False) as counter:
+    prepared["step"]()
+  prepared["sync"]()
+  flops = float(counter.get_total_flops())
+  peak = matmul_peak(torch, device, torch.bfloat16 if prepared["amp_dtype"] else torch.float32,
+                     args.matmul_size or (8192 if cuda else 2048))
+  median = statistics.median(times)
+  return {
+      "name": "dett", "engine": "torch", "dtype": prepared["dtype"], "devices": 1,
+      "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
+      "batch": args.batch, "image_size": args.image_size, "teacher": args.teacher,
+      "student": args.student,
+      "settings": f"eager, {args.memory_format}, AdamW {args.optimizer_impl}, "
+                  f"{torch.get_num_threads()} threads" + (", cudnn.benchmark" if cuda else "")
+                  + (", bf16 autocast" if prepared["amp_dtype"] else ""),
+      "compile_s": first_s, "step_s": median, "step_times_s": times,
+      "examples_per_s": args.batch / median, "flops": flops, "gflops_per_s": flops / median / 1e9,
+      "peak_gflops_per_s": peak, "utilisation": flops / median / 1e9 / peak,
+      "memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+      "memory_source": "torch.cuda.max_memory_allocated" if cuda else None,
+      "loss": loss,
+      "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
+                 "student": sum(p.numel() for p in student.parameters()),
+                 "projector": sum(p.numel() for p in proj.parameters())},
+      "version": torch.__version__,
+  }
+
+
+def measure(args, dtype_name: str) -> dict:
+  """Prepares the step, times `--warmup` then `--steps` steps, and returns its row."""
+  prepared = prepare(args, dtype_name)
+  step, sync = prepared["step"], prepared["sync"]
   t0 = time.perf_counter()
   step()
   sync()
@@ -211,40 +256,15 @@ def measure(args, dtype_name: str) -> dict:
   for _ in range(max(0, args.warmup - 1)):
     step()
   sync()
-  if cuda:
-    torch.cuda.reset_peak_memory_stats()
+  if prepared["cuda"]:
+    prepared["torch"].cuda.reset_peak_memory_stats()
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
     loss, _, _ = step()
     sync()
     times.append(time.perf_counter() - t0)
-  memory_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-  from torch.utils.flop_counter import FlopCounterMode
-  with FlopCounterMode(display=False) as counter:
-    step()
-  sync()
-  flops = float(counter.get_total_flops())
-  peak = matmul_peak(torch, device, torch.bfloat16 if amp_dtype else torch.float32,
-                     args.matmul_size or (8192 if cuda else 2048))
-  median = statistics.median(times)
-  return {
-      "name": "dett", "engine": "torch", "dtype": dtype_name, "devices": 1,
-      "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
-      "batch": b, "image_size": s, "teacher": args.teacher, "student": args.student,
-      "settings": f"eager, {args.memory_format}, AdamW {args.optimizer_impl}, "
-                  f"{torch.get_num_threads()} threads" + (", cudnn.benchmark" if cuda else "")
-                  + (", bf16 autocast" if amp_dtype else ""),
-      "compile_s": first_s, "step_s": median, "step_times_s": times,
-      "examples_per_s": b / median, "flops": flops, "gflops_per_s": flops / median / 1e9,
-      "peak_gflops_per_s": peak, "utilisation": flops / median / 1e9 / peak,
-      "memory_mb": memory_mb, "memory_source": "torch.cuda.max_memory_allocated" if cuda else None,
-      "loss": float(loss),
-      "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
-                 "student": sum(p.numel() for p in student.parameters()),
-                 "projector": sum(p.numel() for p in proj.parameters())},
-      "version": torch.__version__,
-  }
+  return result(prepared, times, first_s, float(loss))
 
 
 def matmul_peak(torch, device, dtype, n: int) -> float:

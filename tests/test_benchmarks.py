@@ -68,19 +68,28 @@ def test_throughput_rows_per_step_and_device_count(tmp_path):
   assert results["params"] == _jax_param_counts()
 
 
-def test_torch_reference_is_the_same_step_and_joins_the_table(tmp_path):
+@pytest.mark.parametrize("mode", ["only", "interleaved"])
+def test_torch_reference_is_the_same_step_and_joins_the_table(tmp_path, mode):
+  """`only`: the PyTorch step in its own process; `interleaved`: in the JAX process, its
+  steps taking turns with the JAX row's."""
   import importlib.util
   if importlib.util.find_spec("torch") is None:
     pytest.skip("the PyTorch reference needs torch, which is not installed; "
                 "pip install 'dett-jax[torch]'")
   report = str(tmp_path / "throughput.json")
-  out = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--torch", "only",
-                        "--json", report], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+  extra = ["--devices", "1", "--rows", "dett"] if mode == "interleaved" else []
+  out = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--torch", mode,
+                        *extra, "--json", report], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert any(l.startswith("| DeTT | PyTorch (eager, channels_last") for l in out.stdout.splitlines())
   with open(report) as f:
-    (row,) = json.load(f)["rows"]
+    rows = json.load(f)["rows"]
+  if mode == "interleaved":
+    assert [(r["engine"], r["name"]) for r in rows] == [("jax", "dett"), ("torch", "dett")]
+    assert len(rows[1]["step_times_s"]) == len(rows[0]["step_times_s"]) == 2
+    rows = rows[1:]
+  (row,) = rows
   assert row["engine"] == "torch" and row["batch"] == 16 and row["image_size"] == 16
   for key in ("step_s", "examples_per_s", "flops", "gflops_per_s", "utilisation"):
     assert row[key] > 0, key
