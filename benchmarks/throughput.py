@@ -16,7 +16,7 @@ Flags (defaults: the demo's pair, configs/synthetic.py):
   --torch auto|no|only|interleaved   also run benchmarks/torch_reference.py (auto: when
                              importable, in its own process after the JAX rows;
                              interleaved: in the first JAX process, its steps taking turns
-                             with the JAX rows', so machine drift hits both alike)
+                             with the JAX rows, so machine drift hits both alike)
   --xla_flags="--xla_..."    extra XLA_FLAGS (note the `=`); repeat to compare variants
   --breakdown                time separately-jitted pieces of the DeTT step
   --small_map_conv=auto|patches|xla   the models' setting (config.small_map_conv): maps
