@@ -283,10 +283,8 @@ class Bench:
     prepared = [self.compile_row(row) for row in rows]
     calls = [call for _, call, _ in prepared]
     if torch_step is not None:
-      first = time.perf_counter()
-      torch_step["step"]()
-      torch_step["sync"]()
-      first = time.perf_counter() - first
+      import torch_reference
+      first = torch_reference.first_step_seconds(torch_step)
 
       def torch_call():
         torch_step["loss"] = torch_step["step"]()[0]
@@ -297,7 +295,6 @@ class Bench:
                              self.jax.block_until_ready)
     out = [self.row_result(row, *p, t) for row, p, t in zip(rows, prepared, times)]
     if torch_step is not None:
-      import torch_reference
       out.append(torch_reference.result(torch_step, times[-1], first, float(torch_step["loss"])))
     return out
 

@@ -211,6 +211,14 @@ def prepare(args, dtype_name: str) -> dict:
           "models": (teacher, student, proj)}
 
 
+def first_step_seconds(prepared: dict) -> float:
+  """Runs the prepared step once (its warm-up and one-off set-up) and returns its time."""
+  t0 = time.perf_counter()
+  prepared["step"]()
+  prepared["sync"]()
+  return time.perf_counter() - t0
+
+
 def result(prepared: dict, times: list[float], first_s: float, loss: float) -> dict:
   """The row of a prepared step timed elsewhere: FLOPs counted on one more step, the
   matmul peak measured now."""
@@ -249,10 +257,7 @@ def measure(args, dtype_name: str) -> dict:
   """Prepares the step, times `--warmup` then `--steps` steps, and returns its row."""
   prepared = prepare(args, dtype_name)
   step, sync = prepared["step"], prepared["sync"]
-  t0 = time.perf_counter()
-  step()
-  sync()
-  first_s = time.perf_counter() - t0
+  first_s = first_step_seconds(prepared)
   for _ in range(max(0, args.warmup - 1)):
     step()
   sync()

@@ -61,6 +61,24 @@ def conv_fn(small_map: bool, pointwise: bool = False, everywhere: bool = False
                            everywhere=everywhere)
 
 
+def output_size(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int],
+                pads: Sequence[Sequence[int]]) -> tuple[int, ...]:
+  """Output height and width of a window sliding over `spatial` with explicit `pads`."""
+  return tuple((s + lo + hi - k) // st + 1
+               for s, k, st, (lo, hi) in zip(spatial, window, strides, pads))
+
+
+def window_slices(padded: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
+                  out: Sequence[int]) -> list[jnp.ndarray]:
+  """What each window position (row-major over `window`) sees of the padded NHWC map:
+  `[b, oh, ow, c]` strided views, the image patches of a convolution or pool."""
+  (sh, sw), (oh, ow) = strides, out
+  b, c = padded.shape[0], padded.shape[3]
+  return [lax.slice(padded, (0, i, j, 0), (b, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(window[0]) for j in range(window[1])]
+
+
 def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[int],
                          padding: Any, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1,
@@ -87,8 +105,7 @@ def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=Non
     kernel, spatial = rhs.shape[:2], lhs.shape[1:3]
     pads = (lax.padtype_to_pads(spatial, kernel, window_strides, padding)
             if isinstance(padding, str) else tuple(tuple(p) for p in padding))
-    out = [(s + lo + hi - k) // st + 1
-           for s, k, st, (lo, hi) in zip(spatial, kernel, window_strides, pads)]
+    out = output_size(spatial, kernel, window_strides, pads)
     if (pointwise or everywhere) and tuple(kernel) == (1, 1) and all(p == (0, 0) for p in pads):
       (sh, sw), (oh, ow) = window_strides, out
       strided = lax.slice(lhs, (0, 0, 0, 0), (lhs.shape[0], sh * (oh - 1) + 1,
@@ -97,12 +114,8 @@ def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=Non
                      preferred_element_type=preferred_element_type)
     if everywhere or (small_map and any(k > min(s, o) for k, s, o in zip(kernel, spatial, out))):
       padded = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-      (sh, sw), (oh, ow) = window_strides, out
       patches = jnp.concatenate(  # [b, oh, ow, kh * kw * c], (kh, kw, c)-major like HWIO
-          [lax.slice(padded, (0, i, j, 0),
-                     (lhs.shape[0], i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, lhs.shape[3]),
-                     (1, sh, sw, 1))
-           for i in range(kernel[0]) for j in range(kernel[1])], axis=-1)
+          window_slices(padded, kernel, window_strides, out), axis=-1)
       return jnp.dot(patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision,
                      preferred_element_type=preferred_element_type)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,

@@ -12,29 +12,19 @@ output's gradient to the first maximum of its window (row-major order, as
 from __future__ import annotations
 
 import functools
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def _slices(xp: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
-            out: Sequence[int]) -> list[tuple[tuple[int, int], jnp.ndarray]]:
-  (kh, kw), (sh, sw), (oh, ow) = window, strides, out
-  b, c = xp.shape[0], xp.shape[3]
-  return [((i, j), lax.slice(xp, (0, i, j, 0), (b, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c),
-                             (1, sh, sw, 1)))
-          for i in range(kh) for j in range(kw)]
+from dett_jax.models import conv as conv_lib
 
 
-def _geometry(x, window, strides, padding):
+def _padded(x, window, strides, padding):
+  """(pads, output size, `x` padded with -inf)."""
   pads = tuple(tuple(p) for p in padding)
-  out = tuple((s + lo + hi - k) // st + 1
-              for s, k, st, (lo, hi) in zip(x.shape[1:3], window, strides, pads))
-  low = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+  low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
   xp = lax.pad(x, jnp.asarray(low, x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
-  return pads, out, xp
+  return pads, conv_lib.output_size(x.shape[1:3], window, strides, pads), xp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -43,8 +33,8 @@ def max_pool(x: jnp.ndarray, window: tuple[int, int], strides: tuple[int, int],
   """Max pool of NHWC `x` over `window` with `strides` and explicit `padding` ((lo, hi)
   per spatial axis, padded with -inf); equals `flax.linen.max_pool(x, window, strides,
   padding)` forward and backward (the gradient goes to each window's first maximum)."""
-  _, out, xp = _geometry(x, window, strides, padding)
-  return functools.reduce(jnp.maximum, [s for _, s in _slices(xp, window, strides, out)])
+  _, out, xp = _padded(x, window, strides, padding)
+  return functools.reduce(jnp.maximum, conv_lib.window_slices(xp, window, strides, out))
 
 
 def _fwd(x, window, strides, padding):
@@ -54,11 +44,12 @@ def _fwd(x, window, strides, padding):
 
 def _bwd(window, strides, padding, residuals, g):
   x, y = residuals
-  pads, out, xp = _geometry(x, window, strides, padding)
+  pads, out, xp = _padded(x, window, strides, padding)
   taken = jnp.zeros(y.shape, bool)
   grad = jnp.zeros(xp.shape, g.dtype)
   (sh, sw), (oh, ow) = strides, out
-  for (i, j), piece in _slices(xp, window, strides, out):
+  for t, piece in enumerate(conv_lib.window_slices(xp, window, strides, out)):
+    i, j = divmod(t, window[1])
     hit = (piece == y) & ~taken
     taken = taken | hit
     grad = grad + lax.pad(jnp.where(hit, g, jnp.zeros_like(g)), jnp.zeros((), g.dtype),
