@@ -41,7 +41,11 @@ def get_config(setting: str = "default"):
       subset="",  # e.g. "projector=linear,simkd;seed=0,1"
       method="dett",  # transplant=False variants use dett_no_transplant
       stack=True,  # False: every variant its own program (for comparison)
-      # convolutions of stacked groups: "auto" (as patches x kernel on CPU, where vmapped
+      # how a stacked group trains: "vmap" (one vmapped program for all variants), "loop"
+      # (the teacher once per batch, then one compiled plain step per variant and device
+      # column), or "auto": loop on CPU, where vmapped convolutions are slow; vmap elsewhere
+      execution="auto",
+      # convolutions of vmapped groups: "auto" (as patches x kernel on CPU, where vmapped
       # convolutions are slow), "patches" or "xla"
       conv="auto",
       mesh_axis="",  # "model": shard the stacked variants over the mesh's model axis

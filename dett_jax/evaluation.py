@@ -18,12 +18,13 @@ from dett_jax.sharding import shard_batch
 
 def accumulate(eval_step: Callable, variables: Any, frozen: Any, split: Split, mesh: Mesh,
                batch_size: int, preprocess: Preprocess | None = None,
-               workers: int = 0) -> dict[str, np.ndarray]:
+               workers: int = 0, host_view: Callable | None = None) -> dict[str, np.ndarray]:
   """Runs a jitted `eval_step` over every example of `split`; returns summed outputs.
 
   Each process loads only its slice of every batch; the step's sums are global (reduced
   over the whole batch inside the jitted program), so every process returns the same
-  totals. A collective with several processes: all of them must call it.
+  totals. A collective with several processes: all of them must call it. `host_view`
+  turns what the step returns, on the host, into the sums dict (None: it is that dict).
   """
   acc = GroupAccumulator()
   pending = []
@@ -32,7 +33,7 @@ def accumulate(eval_step: Callable, variables: Any, frozen: Any, split: Split, m
                             process_count=jax.process_count(), workers=workers):
     pending.append(eval_step(variables, shard_batch(batch, mesh), frozen))
   for sums in to_host(pending):  # replicated sums: read locally, no gather
-    acc.update(**sums)
+    acc.update(**(host_view(sums) if host_view else sums))
   return acc.totals()
 
 

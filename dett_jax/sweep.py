@@ -17,15 +17,22 @@ Axes (`config.sweep.axes`, each a tuple of values):
   value is its own group.)
 
 Variants of one group share every parameter shape and the data order (the config's
-seed), so their parameters and optimizer states are stacked on a leading axis and one
-`jax.vmap`-ed step (`make_stacked_train_step`) trains them all with one teacher pass per
-batch. `config.sweep.mesh_axis="model"` shards the stacked axis over the mesh's `model`
-axis (`mesh.model` devices; the batch is split over `data`), so a pod trains many
-students at once; the models then compute 1x1 convolutions as dots, which XLA
-partitions correctly in this layout (see `dett_jax.models.conv`). Each group compiles
-once; its compile time, examples/s and variant count are logged and recorded. Students
-keep their last epoch (no per-variant selection during training); the study picks the
-best variant by validation metrics only.
+seed), so their parameters and optimizer states are stacked on a leading axis, and one
+teacher pass per batch serves them all. `config.sweep.execution` chooses how the group
+trains:
+  vmap  one `jax.vmap`-ed step (`make_stacked_train_step`) trains every variant: one
+        compiled program (the accelerator form);
+  loop  the teacher's pass, then one compiled plain step trains one variant per device
+        column of `sweep.mesh_axis` at a time, dispatched k / columns times per batch
+        (`training.looped`): XLA:CPU runs plain convolutions faster than vmapped ones;
+  auto  (default) loop on CPU, vmap elsewhere.
+`config.sweep.mesh_axis="model"` shards the stacked axis over the mesh's `model` axis
+(`mesh.model` devices; the batch is split over `data`), so a pod trains many students at
+once; vmapped models then compute 1x1 convolutions as dots, which XLA partitions
+correctly in this layout (see `dett_jax.models.conv`). Each group's programs compile
+once; its compile time, compilations, examples/s and variant count are logged and
+recorded. Students keep their last epoch (no per-variant selection during training);
+the study picks the best variant by validation metrics only.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from dett_jax.methods import METHODS
 from dett_jax.optimizers import make_optimizer
 from dett_jax.sharding import replicate, shard_batch
 from dett_jax.training.loop import FitSpec, fit
+from dett_jax.training.looped import LoopedEvalStep, LoopedTrainStep, pad_variants
 from dett_jax.training.steps import create_state, jit_train_step, make_eval_step, make_stacked_train_step
 from dett_jax.validation import ConfigError
 
@@ -65,6 +73,8 @@ class SweepError(ConfigError):
 
 def check_sweep(config: ml_collections.ConfigDict) -> list[dict]:
   """Raises SweepError for a sweep config that cannot work; returns the selected variants."""
+  if config.sweep.get("execution", "auto") not in ("auto", "vmap", "loop"):
+    raise SweepError(f"sweep.execution={config.sweep.execution!r}; choose auto, vmap or loop")
   if config.sweep.get("conv", "auto") not in ("auto", "patches", "xla"):
     raise SweepError(f"sweep.conv={config.sweep.conv!r}; choose auto, patches or xla")
   axis = config.sweep.get("mesh_axis")
@@ -164,12 +174,20 @@ def variant_config(config: ml_collections.ConfigDict, variant: dict) -> ml_colle
   return out
 
 
+def execution(config: ml_collections.ConfigDict) -> str:
+  """`sweep.execution`: "vmap" / "loop", or "auto": loop on CPU, vmap elsewhere."""
+  setting = config.sweep.get("execution", "auto")
+  if setting == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  return setting
+
+
 def use_patches_everywhere(config: ml_collections.ConfigDict, k: int) -> bool:
-  """`sweep.conv`: "patches" / "xla", or "auto": patches for stacked groups (k > 1) on CPU
-  (see `dett_jax.models.conv.conv_fn`)."""
+  """`sweep.conv`: "patches" / "xla", or "auto": patches for vmapped groups (k > 1) on CPU
+  (see `dett_jax.models.conv.conv_fn`); looped groups run plain steps (XLA's)."""
   setting = config.sweep.get("conv", "auto")
   if setting == "auto":
-    return k > 1 and jax.default_backend() == "cpu"
+    return k > 1 and jax.default_backend() == "cpu" and execution(config) == "vmap"
   return setting == "patches"
 
 
@@ -204,11 +222,13 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
   train = ctx.splits["train"]
   configs = [variant_config(config, v) for v in group]
   first = configs[0]
-  if config.sweep.get("mesh_axis"):  # see dett_jax.models.conv: 1x1 convs as dots
+  looped = execution(config) == "loop" and len(group) > 1  # one variant: its plain step
+  if config.sweep.get("mesh_axis") and not looped:  # see dett_jax.models.conv: 1x1 convs as dots
     first.pointwise_dot = True
   first.patches_everywhere = use_patches_everywhere(config, len(group))
   method = method_of(config, group[0])
   k = len(group)
+  axis = config.sweep.get("mesh_axis") or None
   seeds = [config.seed * 1000 + 500 + int(v.get("seed", 0)) for v in group]
   setups = [experiment.student_setup(ctx, method, first, pretrained_student, teacher_vars,
                                      teacher_head, s) for s in seeds]
@@ -235,34 +255,49 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
     raise SweepError(f"{name}: {len(index_list)} training examples give no full batch of "
                      f"{batch_size}; lower the batch size")
   tx = make_optimizer(optim, steps_per_epoch, batch_size)
-  axis = config.sweep.get("mesh_axis") or None
-  states = place_stacked(stack([create_state(v["params"], v["batch_stats"], tx)
-                                for _, v, _ in setups]), ctx.mesh, axis)
-  frozen = replicate({**frozen, "variants": {"weights": np.stack(weights), "lr_scale": lr_scale}},
-                     ctx.mesh)
-  step = jit_train_step(make_stacked_train_step(networks, method, tx, config.distill), ctx.mesh,
-                        states, frozen)
+  states = stack([create_state(v["params"], v["batch_stats"], tx) for _, v, _ in setups])
+  per_variant = {"weights": np.stack(weights), "lr_scale": lr_scale}
+  if looped:  # one variant per device column at a time: pad k to a multiple of the columns
+    columns = ctx.mesh.shape[axis] if axis else 1
+    states, per_variant = pad_variants((states, per_variant), columns)
+    states = place_stacked(states, ctx.mesh, axis)
+    frozen = {**replicate(frozen, ctx.mesh),
+              "variants": place_stacked(per_variant, ctx.mesh, axis)}
+  else:
+    states = place_stacked(states, ctx.mesh, axis)
+    frozen = replicate({**frozen, "variants": per_variant}, ctx.mesh)
   data = train_batches(train, index_list, num_epochs=optim.epochs, global_batch_size=batch_size,
                        seed=config.seed * 1000 + 500, preprocess=ctx.preprocess,
                        augment_images=optim.get("augment", config.augment),
                        process_index=jax.process_index(), process_count=jax.process_count())
   t0 = time.perf_counter()
-  compiled = step.lower(states, shard_batch(data[0], ctx.mesh), frozen).compile()
+  first_batch = shard_batch(data[0], ctx.mesh)
+  host_metrics = None
+  if looped:
+    step = LoopedTrainStep(networks, method, tx, config.distill, ctx.mesh, axis, k)
+    compiled = step.compile(states, first_batch, frozen)
+    compilations, host_metrics = step.compilations, step.host_metrics
+  else:
+    step = jit_train_step(make_stacked_train_step(networks, method, tx, config.distill), ctx.mesh,
+                          states, frozen)
+    compiled, compilations = step.lower(states, first_batch, frozen).compile(), 1
   compile_s = time.perf_counter() - t0
   spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=optim.epochs,
                  steps_per_epoch=steps_per_epoch, data=data,
                  signature={"method": method.name, "variants": variant_name_list(group),
                             "batch_size": batch_size, "steps_per_epoch": steps_per_epoch},
-                 **ctx.fit_options())
+                 host_metrics=host_metrics, **ctx.fit_options())
   t0 = time.perf_counter()
   variables, _ = fit(spec, states, compiled, frozen, ctx.mesh, ctx.logger)
   train_s = time.perf_counter() - t0
   steps = optim.epochs * steps_per_epoch
-  stats = {"variants": k, "compilations": 1, "compile_s": compile_s, "train_s": train_s,
+  stats = {"variants": k, "execution": "loop" if looped else "vmap",
+           "compilations": compilations, "compile_s": compile_s, "train_s": train_s,
            "steps": steps, "examples_per_s": k * steps * batch_size / max(train_s, 1e-9)}
-  logging.info("sweep group %s: %d variant(s), 1 compilation (%.1f s), %.0f examples/s",
-               name, k, compile_s, stats["examples_per_s"])
-  metrics = evaluate_stacked(ctx, networks, method, variables, frozen, k)
+  logging.info("sweep group %s: %d variant(s), %s, %d compilation(s) (%.1f s), %.0f examples/s",
+               name, k, stats["execution"], compilations, compile_s, stats["examples_per_s"])
+  metrics = evaluate_stacked(ctx, networks, method, variables, frozen, k,
+                             axis if looped else "vmap")
   records = [{"name": variant_name(v), "variant": {a: x for a, x in v.items() if a != "seed"},
               "seed": int(v.get("seed", 0)), "method": method.name, "metrics": m}
              for v, m in zip(group, metrics)]
@@ -281,15 +316,22 @@ def variant_name_list(group: list[dict]) -> str:
   return ";".join(variant_name(v) for v in group)
 
 
-def evaluate_stacked(ctx, networks, method, variables: Tree, frozen: Tree, k: int) -> list[dict]:
-  """Val and test metrics of each of the k stacked variants (one vmapped eval program)."""
-  eval_one = make_eval_step(networks, method, ctx.splits["train"].num_groups)
+def evaluate_stacked(ctx, networks, method, variables: Tree, frozen: Tree, k: int,
+                     axis: str | None = "vmap") -> list[dict]:
+  """Val and test metrics of the first k stacked variants: one vmapped eval program
+  (`axis="vmap"`), or looped over the mesh's `axis` (None: not sharded) as they trained."""
+  num_groups = ctx.splits["train"].num_groups
   shared = {key: v for key, v in frozen.items() if key != "variants"}
-  eval_step = jax.jit(jax.vmap(eval_one, in_axes=(0, None, None)))
+  if axis == "vmap":
+    eval_step = jax.jit(jax.vmap(make_eval_step(networks, method, num_groups),
+                                 in_axes=(0, None, None)))
+  else:
+    eval_step = LoopedEvalStep(networks, method, num_groups, ctx.mesh, axis, k)
+  host_view = None if axis == "vmap" else eval_step.host_metrics
   out = [{} for _ in range(k)]
   for split in ("val", "test"):
     sums = accumulate(eval_step, variables, shared, ctx.splits[split], ctx.mesh,
-                      ctx.config.eval_batch_size, ctx.preprocess, ctx.workers)
+                      ctx.config.eval_batch_size, ctx.preprocess, ctx.workers, host_view)
     for i in range(k):
       out[i].update(split_metrics({key: v[i] for key, v in sums.items()}, ctx.train_counts,
                                   split, ctx.splits[split].num_attrs))

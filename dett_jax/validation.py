@@ -25,6 +25,7 @@ from dett_jax.report import write_json_atomic
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "stop_after_steps",
                      "checkpoint_every_minutes", "keep_checkpoints", "on_nonfinite", "min_free_mb",
                      "sweep.axes", "sweep.subset", "sweep.stack", "sweep.mesh_axis", "sweep.conv",
+                     "sweep.execution",
                      "mesh.data", "mesh.model",
                      "distill.methods", "eval_batch_size", "data.workers", "data.check_images")
 

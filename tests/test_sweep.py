@@ -19,6 +19,7 @@ from dett_jax.sweep import (SweepError, group_stage_name, group_variants, parse_
                             stack, variants)
 from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet
+from dett_jax.training.looped import LoopedTrainStep, pad_variants
 from dett_jax.training.steps import (Networks, create_state, jit_train_step, make_stacked_train_step,
                                      make_train_step)
 from test_steps import LOSS_CONFIG, batch, setup
@@ -61,20 +62,24 @@ def test_bad_sweep_fields_are_refused_before_any_work(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("mesh_shape,axis", [((8, 1), None), ((4, 2), "model")])
-def test_stacked_step_equals_separate_steps(mesh_shape, axis):
-  """Variants (seed, lambda_up, learning rate differ) in one vmapped step vs separate
-  steps; with `axis`, the variant axis is sharded over the mesh's model axis."""
+@pytest.mark.parametrize("mesh_shape,axis,execution", [
+    ((8, 1), None, "vmap"), ((4, 2), "model", "vmap"), ((8, 1), None, "loop"),
+    ((4, 2), "model", "loop")])
+def test_stacked_step_equals_separate_steps(mesh_shape, axis, execution):
+  """Variants (seed, lambda_up, learning rate differ) in one vmapped step, or looped one
+  per device column, vs separate steps; with `axis`, the variant axis is sharded over the
+  mesh's model axis (looped: 3 variants padded to 4, one per column at a time)."""
   method = METHODS["dett"]
   mesh = make_mesh(*mesh_shape)
   optim = load_config("synthetic").distill.optim  # AdamW with warmup + cosine
   optim.update(learning_rate=1e-3, epochs=1)
   n, error_set = 64, np.array([1, 5, 9, 33, 40])
   lambdas, lr_scales, seeds = (1.0, 5.0, 20.0), (1.0, 0.5, 2.0), (0, 1, 2)
-  k = 2 if axis else 3  # the stacked axis must divide the mesh axis when sharded
+  vmapped = execution == "vmap"
+  k = 2 if axis and vmapped else 3  # a vmapped axis must divide the mesh axis when sharded
   runs = [jax.tree.map(np.asarray, setup("dett", seed=s)) for s in seeds[:k]]  # host copies: steps donate
   networks, frozen = runs[0][1], runs[0][4]
-  if axis:  # what the sweep builds for a sharded variant axis: 1x1 convolutions as dots
+  if axis and vmapped:  # what the sweep builds for a sharded variant axis: 1x1 convolutions as dots
     networks = Networks(student=create_resnet(10, None, width=0.0625, stem="small",
                                               pointwise_dot=True),
                         projector=Projector("simkd", 64, pointwise_dot=True),
@@ -99,10 +104,24 @@ def test_stacked_step_equals_separate_steps(mesh_shape, axis):
     separate.append((losses, state))
 
   tx = make_optimizer(optim, 10, 16)
-  states = place_stacked(stack([create_state(r[2], r[3], tx) for r in runs]), mesh, axis)
-  f = replicate({**frozen, "variants": {"weights": weights,
-                                        "lr_scale": np.array(lr_scales[:k], np.float32)}}, mesh)
-  step = jit_train_step(make_stacked_train_step(networks, method, tx, LOSS_CONFIG), mesh, states, f)
+  states = stack([create_state(r[2], r[3], tx) for r in runs])
+  per_variant = {"weights": weights, "lr_scale": np.array(lr_scales[:k], np.float32)}
+  if vmapped:
+    states = place_stacked(states, mesh, axis)
+    f = replicate({**frozen, "variants": per_variant}, mesh)
+    step = jit_train_step(make_stacked_train_step(networks, method, tx, LOSS_CONFIG), mesh, states, f)
+  else:
+    states, per_variant = pad_variants((states, per_variant), mesh.shape[axis] if axis else 1)
+    states = place_stacked(states, mesh, axis)
+    f = {**replicate(frozen, mesh), "variants": place_stacked(per_variant, mesh, axis)}
+    looped = LoopedTrainStep(networks, method, tx, LOSS_CONFIG, mesh, axis, k)
+    step_rows = looped.compile(states, shard_batch(batches[0], mesh), f)
+    assert looped.compilations == 2  # the teacher; one variant per column
+    assert states.step.shape == ((4,) if axis else (3,))
+
+    def step(states, b, f):
+      states, rows = step_rows(states, b, f)
+      return states, looped.host_metrics(jax.device_get(rows))
   if axis:
     assert states.params["projector"]["Conv_0"]["kernel"].sharding.spec[0] == "model"
   stacked_losses = []
@@ -117,16 +136,23 @@ def test_stacked_step_equals_separate_steps(mesh_shape, axis):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def test_tiny_sweep_stacked_equals_variant_by_variant(tmp_path):
+@pytest.mark.parametrize("execution", ["vmap", "loop"])
+def test_tiny_sweep_stacked_equals_variant_by_variant(tmp_path, execution):
   config = load_config("ablation", "tiny")
   config.sweep.subset = "projector=linear;seed=0"  # lambda_up 1 and 5
-  config.sweep.conv = "patches"  # the same convolutions stacked and separate
+  config.sweep.execution = execution
+  if execution == "vmap":
+    config.sweep.conv = "patches"  # the same convolutions stacked and separate
+  else:  # one variant per model column at a time, each column data-parallel over 4 devices
+    config.mesh.data, config.mesh.model, config.sweep.mesh_axis = 4, 2, "model"
   config.pretrain.enabled = False
   workdir = str(tmp_path)
   stacked = run_sweep(config, workdir)
   assert len(stacked["runs"]) == 2
-  assert [g["variants"] for g in stacked["groups"].values()] == [2]  # one program for both
-  assert all(g["compilations"] == 1 for g in stacked["groups"].values())
+  groups = list(stacked["groups"].values())
+  assert [g["variants"] for g in groups] == [2] and groups[0]["execution"] == execution
+  # vmap: one program for both; loop: the teacher's pass, the step
+  assert groups[0]["compilations"] == (1 if execution == "vmap" else 2)
   for name in ("study.md", "study.png", "study.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   study = json.load(open(os.path.join(workdir, "study.json")))

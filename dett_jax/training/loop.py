@@ -74,6 +74,8 @@ class FitSpec:
     step's loss or gradient is not finite; such a step never changes the state.
   signature: config values a checkpoint of this stage must have been written with
     (besides the state's parameter shapes); a different one is refused.
+  host_metrics: turns what the train step returns as metrics, fetched to the host, into
+    the metrics dict (e.g. `training.looped`'s rows); None: they are that dict.
   """
 
   name: str
@@ -91,6 +93,7 @@ class FitSpec:
   signature: dict = dataclasses.field(default_factory=dict)
   workers: int = 0
   stop_after_steps: int | None = None  # stop (as if preempted) after this many steps; None: run on
+  host_metrics: Callable[[Any], dict] | None = None  # a step's metrics, on the host -> dict
 
 
 class Interrupted(RuntimeError):
@@ -257,6 +260,8 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
   def flush(pending: list) -> None:
     """Logs the pending steps' mean metrics; stops or counts non-finite steps."""
     host = jax.device_get([m for _, m in pending])
+    if spec.host_metrics is not None:
+      host = [spec.host_metrics(m) for m in host]
     bad = lambda m: bool(np.any(m["nonfinite_loss"]) or np.any(m["nonfinite_grad"]))
     for (index, _), m in zip(pending, host):  # metrics may be [k] (stacked sweep variants)
       if bad(m):

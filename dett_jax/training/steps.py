@@ -291,14 +291,16 @@ def make_eval_step(networks: Networks, method: Method | None, num_groups: int,
   unused). For students with `diagnostics`, agreement with the teacher's
   predictions and, for feature methods, the sums needed for the relative feature
   error are included: `feat_sq_err [G]`, `teacher_sq [G]`, `teacher_sum [G, D]`.
-  Without `diagnostics` (model selection) the teacher is not run for students.
+  Without `diagnostics` (model selection) the teacher is not run for students. Teacher
+  outputs carried by the batch (`teacher_feature_map`, `teacher_logits`) are used instead
+  of running the teacher, as in the train step.
   """
   run_teacher = networks.teacher is not None and (method is None or diagnostics)
 
   def eval_step(variables: Tree, batch: Batch, frozen: Tree) -> dict[str, jnp.ndarray]:
     mask, groups = batch["mask"], batch["group"]
     sums = lambda v: group_sums(v, groups, mask, num_groups)
-    teacher = teacher_outputs(networks, frozen, batch["image"]) if run_teacher else None
+    teacher = teacher_outputs(networks, frozen, batch["image"], batch) if run_teacher else None
     if method is None:
       logits = teacher["logits"]
     else:
