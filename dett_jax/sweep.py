@@ -75,6 +75,7 @@ def check_sweep(config: ml_collections.ConfigDict) -> list[dict]:
   """Raises SweepError for a sweep config that cannot work; returns the selected variants."""
   if config.sweep.get("execution", "auto") not in ("auto", "vmap", "loop"):
     raise SweepError(f"sweep.execution={config.sweep.execution!r}; choose auto, vmap or loop")
+  execution(config)  # loop needs one process
   if config.sweep.get("conv", "auto") not in ("auto", "patches", "xla"):
     raise SweepError(f"sweep.conv={config.sweep.conv!r}; choose auto, patches or xla")
   axis = config.sweep.get("mesh_axis")
@@ -175,10 +176,12 @@ def variant_config(config: ml_collections.ConfigDict, variant: dict) -> ml_colle
 
 
 def execution(config: ml_collections.ConfigDict) -> str:
-  """`sweep.execution`: "vmap" / "loop", or "auto": loop on CPU, vmap elsewhere."""
+  """`sweep.execution`: "vmap" / "loop", or "auto": loop on CPU in one process, else vmap."""
   setting = config.sweep.get("execution", "auto")
   if setting == "auto":
-    return "loop" if jax.default_backend() == "cpu" else "vmap"
+    return "loop" if jax.default_backend() == "cpu" and jax.process_count() == 1 else "vmap"
+  if setting == "loop" and jax.process_count() > 1:  # its rows' metrics are read per process
+    raise SweepError("sweep.execution=loop runs in one process; with several, use vmap (or auto)")
   return setting
 
 

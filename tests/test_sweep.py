@@ -56,6 +56,10 @@ def test_bad_sweep_fields_are_refused_before_any_work(tmp_path):
   with pytest.raises(SweepError, match="mesh_axis='sweep'"):
     run_sweep(config, str(tmp_path))
   config.sweep.mesh_axis = ""
+  config.sweep.execution = "unroll"
+  with pytest.raises(SweepError, match="sweep.execution='unroll'; choose auto, vmap or loop"):
+    run_sweep(config, str(tmp_path))
+  config.sweep.execution = "auto"
   config.sweep.subset = "projector=identity"
   with pytest.raises(SweepError, match="not among the axis values"):
     run_sweep(config, str(tmp_path))
