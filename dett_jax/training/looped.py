@@ -29,11 +29,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dett_jax.methods import Method
-from dett_jax.training.steps import TrainState, make_eval_step, teacher_outputs, train_update
+from dett_jax.training.steps import (Networks, TrainState, make_eval_step, teacher_outputs,
+                                     train_update)
 
 Tree = Any
 
@@ -63,7 +65,7 @@ def _pick(tree: Tree, j: jnp.ndarray) -> Tree:
 class _Looped:
   """What the train and eval forms share: the teacher program, the columns, the rows."""
 
-  def __init__(self, networks, mesh: Mesh, axis: str | None, num_variants: int,
+  def __init__(self, networks: Networks, mesh: Mesh, axis: str | None, num_variants: int,
                run_teacher: bool):
     self.networks, self.mesh, self.axis, self.k = networks, mesh, axis, num_variants
     self.run_teacher = run_teacher
@@ -103,8 +105,8 @@ class LoopedTrainStep(_Looped):
   donated, and `host_metrics(jax.device_get(rows))` gives the metrics `[k]`.
   """
 
-  def __init__(self, networks, method: Method, tx, config: Any, mesh: Mesh, axis: str | None,
-               num_variants: int):
+  def __init__(self, networks: Networks, method: Method, tx: optax.GradientTransformation,
+               config: Any, mesh: Mesh, axis: str | None, num_variants: int):
     super().__init__(networks, mesh, axis, num_variants, method.uses_teacher)
     self.method, self.tx, self.config = method, tx, config
     self._row = jax.jit(self._row_fn, donate_argnums=0)
@@ -149,8 +151,8 @@ class LoopedEvalStep(_Looped):
   variants (`steps.make_eval_step` per variant, looped as `LoopedTrainStep`; `frozen`
   without `variants`); `host_metrics(rows on the host)` gives the sums `[k, ...]`."""
 
-  def __init__(self, networks, method: Method, num_groups: int, mesh: Mesh, axis: str | None,
-               num_variants: int):
+  def __init__(self, networks: Networks, method: Method, num_groups: int, mesh: Mesh,
+               axis: str | None, num_variants: int):
     super().__init__(networks, mesh, axis, num_variants, networks.teacher is not None)
     self._eval_one = make_eval_step(networks, method, num_groups)
     self._row = jax.jit(self._row_fn)
