@@ -299,8 +299,7 @@ def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, tea
            "steps": steps, "examples_per_s": k * steps * batch_size / max(train_s, 1e-9)}
   logging.info("sweep group %s: %d variant(s), %s, %d compilation(s) (%.1f s), %.0f examples/s",
                name, k, stats["execution"], compilations, compile_s, stats["examples_per_s"])
-  metrics = evaluate_stacked(ctx, networks, method, variables, frozen, k,
-                             axis if looped else "vmap")
+  metrics = evaluate_stacked(ctx, networks, method, variables, frozen, k, looped, axis)
   records = [{"name": variant_name(v), "variant": {a: x for a, x in v.items() if a != "seed"},
               "seed": int(v.get("seed", 0)), "method": method.name, "metrics": m}
              for v, m in zip(group, metrics)]
@@ -320,17 +319,18 @@ def variant_name_list(group: list[dict]) -> str:
 
 
 def evaluate_stacked(ctx, networks, method, variables: Tree, frozen: Tree, k: int,
-                     axis: str | None = "vmap") -> list[dict]:
-  """Val and test metrics of the first k stacked variants: one vmapped eval program
-  (`axis="vmap"`), or looped over the mesh's `axis` (None: not sharded) as they trained."""
+                     looped: bool = False, axis: str | None = None) -> list[dict]:
+  """Val and test metrics of the first k stacked variants: one vmapped eval program, or
+  (`looped`) one variant per column of the mesh's `axis` at a time, as they trained."""
   num_groups = ctx.splits["train"].num_groups
   shared = {key: v for key, v in frozen.items() if key != "variants"}
-  if axis == "vmap":
+  host_view = None
+  if looped:
+    eval_step = LoopedEvalStep(networks, method, num_groups, ctx.mesh, axis, k)
+    host_view = eval_step.host_metrics
+  else:
     eval_step = jax.jit(jax.vmap(make_eval_step(networks, method, num_groups),
                                  in_axes=(0, None, None)))
-  else:
-    eval_step = LoopedEvalStep(networks, method, num_groups, ctx.mesh, axis, k)
-  host_view = None if axis == "vmap" else eval_step.host_metrics
   out = [{} for _ in range(k)]
   for split in ("val", "test"):
     sums = accumulate(eval_step, variables, shared, ctx.splits[split], ctx.mesh,

@@ -129,9 +129,9 @@ class LoopedTrainStep(_Looped):
     shared = {key: v for key, v in frozen.items() if key != "variants"}
     teacher = self._teacher.lower(batch["image"], shared).compile() if self.run_teacher else None
     full = {**batch, **(teacher.out_info if teacher else {})}
-    row = self._row.lower(states, frozen["variants"], jnp.int32(0), full, shared).compile()
-    self.compilations = 1 + bool(teacher)
     js = self._indices(states.step.shape[0])
+    row = self._row.lower(states, frozen["variants"], js[0], full, shared).compile()
+    self.compilations = 1 + bool(teacher)
 
     def step(states: TrainState, batch: dict, frozen: Tree) -> tuple[TrainState, list]:
       shared = {key: v for key, v in frozen.items() if key != "variants"}
