@@ -113,9 +113,31 @@ def tree_shardings(tree: Any, mesh: Mesh, strategy: str = "replicated",
   return jax.tree_util.tree_map_with_path(sharding, tree)
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put(tree, shardings)` that is also correct when the shardings span other
+  processes' devices (a multi-process mesh).
+
+  Every process must pass the same values. A leaf held by this process alone (numpy, or
+  a jax.Array on this process's devices, e.g. from `jnp.asarray` or an initialiser) goes
+  through the host: JAX 0.10's `device_put` of such an array onto a mesh of one device per
+  process returns an array whose local buffer claims every process's shard, which
+  `jit` accepts but Orbax's save and `addressable_shards` reject. Arrays that already span
+  the mesh are resharded by `device_put` as usual.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def host_if_local(x, sharding):
+    local = not isinstance(x, jax.Array) or x.is_fully_addressable
+    return np.asarray(x) if local and not sharding.is_fully_addressable else x
+
+  tree = jax.tree.map(host_if_local, tree, shardings)
+  return jax.device_put(tree, shardings)
+
+
 def place(tree: Any, mesh: Mesh, strategy: str = "replicated", rules: Sequence[str] = ()) -> Any:
   """Puts every leaf of `tree` on the mesh with `tree_shardings`."""
-  return jax.device_put(tree, tree_shardings(tree, mesh, strategy, rules))
+  return put(tree, tree_shardings(tree, mesh, strategy, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -135,4 +157,4 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places every leaf of `tree` replicated on the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  return put(tree, jax.tree.map(lambda _: replicated(mesh), tree))

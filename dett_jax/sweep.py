@@ -55,7 +55,7 @@ from dett_jax.data.pipeline import example_weights, train_batches, upsampled_ind
 from dett_jax.evaluation import accumulate, split_metrics
 from dett_jax.methods import METHODS
 from dett_jax.optimizers import make_optimizer
-from dett_jax.sharding import replicate, shard_batch
+from dett_jax.sharding import put, replicate, shard_batch
 from dett_jax.training.loop import FitSpec, fit
 from dett_jax.training.looped import LoopedEvalStep, LoopedTrainStep, pad_variants
 from dett_jax.training.steps import create_state, jit_train_step, make_eval_step, make_stacked_train_step
@@ -213,7 +213,7 @@ def place_stacked(tree: Tree, mesh, axis: str | None) -> Tree:
   """The stacked tree on the mesh: leading axis over `axis` (when it divides), else replicated."""
   def one(x):
     spec = P(axis) if axis and x.shape[0] % mesh.shape[axis] == 0 else P()
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    return put(x, NamedSharding(mesh, spec))
   return jax.tree.map(one, tree)
 
 
