@@ -27,11 +27,15 @@ flags.DEFINE_enum("distributed", "explicit", ["explicit", "auto", "off"],
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator service.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes - 1.")
+flags.DEFINE_float("peer_timeout", 60.0,
+                   "Multi-process runs: seconds without a heartbeat after which a process is "
+                   "taken for dead; the others then stop with one line and exit code 7.")
 flags.mark_flags_as_required(["config", "workdir"])
 EXIT_INTERRUPTED = 3  # stopped by SIGTERM/SIGINT or stop_after_steps, checkpointed; re-run to resume
 EXIT_DATA_ERROR = 4  # the data on disk cannot be used; the message names the file and the fix
 EXIT_DIVERGED = 5  # a non-finite loss or gradient (on_nonfinite=stop); names the last good checkpoint
 EXIT_STORAGE = 6  # the workdir or a checkpoint in it cannot be used; the message names the path
+EXIT_PEER_LOST = 7  # another process of a multi-process run died; re-run every process to resume
 
 
 def main(argv):
@@ -40,10 +44,31 @@ def main(argv):
   configure_cpu_devices(FLAGS.config.mesh.cpu_devices)  # before jax starts its backends
   from dett_jax import distributed
   try:  # before any JAX computation
-    distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id)
+    several = distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
+                                     FLAGS.num_processes, FLAGS.process_id, FLAGS.peer_timeout)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  watch = None
+  if several:
+    watch = distributed.PeerWatch(FLAGS.peer_timeout,
+                                  distributed.exit_on_peer_loss(EXIT_PEER_LOST)).start()
+  try:
+    run()
+  except (SystemExit, app.UsageError, KeyboardInterrupt):
+    raise
+  except BaseException:
+    # A step that failed because a peer vanished ("Gloo all-reduce failed ... Connection
+    # reset by peer"): the watch names the peer and exits with EXIT_PEER_LOST.
+    if watch is not None:
+      watch.wait_for_loss()
+    raise
+  finally:
+    if watch is not None:
+      watch.finish()
+
+
+def run() -> None:
+  """The pipeline or sweep of FLAGS.config; known failures become one line and an exit code."""
   from dett_jax.data import DataError
   from dett_jax.experiment import train_and_evaluate
   from dett_jax.training.loop import CheckpointMismatch, Diverged, Interrupted

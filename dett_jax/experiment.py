@@ -41,7 +41,8 @@ from dett_jax.training.loop import (FitSpec, Interrupted, MetricLogger, StopSign
                                     stop_requested)
 from dett_jax.training.steps import (Networks, create_state, jit_train_step,
                                      make_eval_step, make_train_step)
-from dett_jax.validation import check_workdir_config, check_workdir_writable, validate_config
+from dett_jax.validation import (check_schedules, check_workdir_config, check_workdir_writable,
+                                 validate_config)
 
 ERM = Method("erm", "ce", reweight=False, transplant=False)
 Tree = Any
@@ -223,6 +224,7 @@ def run_stage(ctx: Context, name: str, template: Tree | None, body) -> tuple[Tre
       variables = load_variables(os.path.join(stage_dir, "final"), replicate(template, ctx.mesh))
     return variables, record
   start = time.time()
+  distributed.note_progress(stage=name)
   variables, record = body()
   record["seconds"] = time.time() - start
   if variables is not None:
@@ -480,17 +482,22 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
 # ---------------------------------------------------------------------------
 
 def setup_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
-  """Checks the config and workdir, builds the mesh and loads the data."""
+  """Checks the config and workdir, builds the mesh and loads the data.
+
+  Every check that can refuse the config runs before `config.json` is written, so a
+  refused config leaves no record that would refuse the corrected one."""
   validate_config(config)
   workdir = os.path.abspath(workdir)
   check_workdir_writable(workdir, config.get("min_free_mb", 100))  # every process: shared disk?
-  check_workdir_config(config, workdir)
   mesh = make_mesh(config.mesh.data, config.mesh.get("model", 1))
   for field, size in batch_sizes(config).items():
     if size % mesh.devices.size:
       raise ValueError(f"{field}={size} is not divisible by the {mesh.devices.size} devices of "
                        f"the mesh's data axis; use a multiple of {mesh.devices.size}")
-  ctx = Context(config, workdir, load_splits(config.data), mesh, MetricLogger(workdir),
+  splits = load_splits(config.data)
+  check_schedules(config, len(splits["train"]))  # a data set on disk: its size is known now
+  check_workdir_config(config, workdir)
+  ctx = Context(config, workdir, splits, mesh, MetricLogger(workdir),
                 Preprocess.from_config(config.data))
   logging.info("mesh %s over %d devices; train group counts %s", dict(mesh.shape),
                mesh.devices.size, ctx.train_counts.tolist())

@@ -10,6 +10,11 @@ Fields of an optim config (see configs/synthetic.py `optim`):
   warmup_epochs     linear warmup, then cosine decay to 0 over all updates
   accumulate_steps  k > 1: accumulate k micro-batch gradients per update (optax.MultiSteps)
   weight_decay, momentum
+
+With S micro-batches per epoch the schedule has epochs * S // k updates, the first
+int(warmup_epochs * S // k) of them warmup; `schedule_error` says why a stage's values
+leave it no decay step (make_optimizer raises it as a ValueError; the config checks
+name the stage's fields with it before any compute).
 """
 
 from __future__ import annotations
@@ -44,9 +49,79 @@ def _matrices_only(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def schedule_steps(optim: Any, steps_per_epoch: int) -> tuple[int, int]:
+  """(updates, warmup updates) of the stage's schedule with `steps_per_epoch` micro-batches
+  per epoch, as `make_optimizer` counts them (before its floor of 1 on both)."""
+  k = int(optim.get("accumulate_steps", 1) or 1)
+  return (int(optim.epochs * steps_per_epoch // k),
+          int(optim.get("warmup_epochs", 0.0) * steps_per_epoch // k))
+
+
+def schedule_error(optim: Any, steps_per_epoch: int | None, prefix: str = "",
+                   per_epoch: str | None = None) -> str | None:
+  """Why the stage's warmup + cosine schedule cannot be built with `steps_per_epoch`
+  micro-batches per epoch (one line naming the values and the fix), or None if it can.
+
+  `prefix` goes before each field name (e.g. "distill.optim."); `per_epoch` describes the
+  steps per epoch (default "S steps per epoch"); `steps_per_epoch=None` (not known yet)
+  checks only what fails for any number. Refused: warmup_epochs < 0; no optimizer
+  update (accumulate_steps above all the stage's micro-batches); accumulate_steps above
+  the steps of one epoch; and a schedule without decay steps (`optax`'s cosine decay needs
+  updates > max(warmup updates, 1)): warmup_epochs >= epochs, a single update, or a
+  warmup that rounds up to every update.
+  """
+  k = int(optim.get("accumulate_steps", 1) or 1)
+  epochs, warmup_epochs = optim.epochs, optim.get("warmup_epochs", 0.0)
+  p = prefix
+  if warmup_epochs < 0:
+    return f"{p}warmup_epochs={warmup_epochs:g} must be >= 0 (0: no warmup)"
+  if steps_per_epoch is None:
+    if warmup_epochs >= epochs:
+      return (f"{p}warmup_epochs={warmup_epochs:g} leaves no decay steps with epochs={epochs} "
+              "(for any number of steps per epoch); lower warmup_epochs below epochs or "
+              "raise epochs")
+    return None
+  s = int(steps_per_epoch)
+  per_epoch = per_epoch or f"{s} steps per epoch"
+  if s < 1:
+    return f"steps_per_epoch={s} must be >= 1 (one full batch); lower the batch size"
+  updates, warmup = schedule_steps(optim, s)
+  if updates < 1:
+    return (f"{p}accumulate_steps={k} with epochs={epochs} over {per_epoch} gives no optimizer "
+            f"update ({epochs * s} micro-batches in all); lower accumulate_steps to at most "
+            f"{s} or raise epochs")
+  if k > s:
+    return (f"{p}accumulate_steps={k} exceeds the {per_epoch} (one update would span "
+            f"epochs); lower accumulate_steps to at most {s}, or lower the batch size")
+  if updates > max(warmup, 1):
+    return None
+  counts = f"{updates} update{'s' if updates != 1 else ''}"
+  accumulation = f"accumulate_steps={k} over " if k > 1 else ""
+  if warmup_epochs >= epochs:
+    return (f"{p}warmup_epochs={warmup_epochs:g} leaves no decay steps with epochs={epochs} "
+            f"(and {accumulation}{per_epoch}: {counts}, all warmup); lower warmup_epochs "
+            "below epochs or raise epochs")
+  if updates < 2:
+    fix = (f"raise epochs or lower accumulate_steps to at most {epochs * s // 2}"
+           if epochs * s >= 2 else "raise epochs or lower the batch size")
+    return (f"{p}epochs={epochs} with {accumulation}{per_epoch} gives {counts}, and the "
+            f"warmup + cosine schedule needs at least 2; {fix}")
+  return (f"{p}warmup_epochs={warmup_epochs:g} rounds to {warmup} warmup updates of the {counts} "
+          f"of epochs={epochs} ({accumulation}{per_epoch}), leaving no decay steps; lower "
+          "warmup_epochs or raise epochs")
+
+
 def make_optimizer(optim: Any, steps_per_epoch: int, batch_size: int = 256
                    ) -> optax.GradientTransformation:
-  """The stage's optimizer; `steps_per_epoch` counts micro-batches of `batch_size`."""
+  """The stage's optimizer; `steps_per_epoch` counts micro-batches of `batch_size`.
+
+  Raises ValueError (see `schedule_error`) when the values leave the warmup + cosine
+  schedule no decay step, e.g. warmup_epochs >= epochs or accumulate_steps above
+  `steps_per_epoch`.
+  """
+  problem = schedule_error(optim, steps_per_epoch)
+  if problem:
+    raise ValueError(problem)
   k = int(optim.get("accumulate_steps", 1) or 1)
   updates = max(1, optim.epochs * steps_per_epoch // k)
   warmup = int(optim.warmup_epochs * steps_per_epoch // k)

@@ -14,19 +14,26 @@ from dett_jax import distributed
 from dett_jax.data import LOADERS
 from dett_jax.data.images import TRAIN_TRANSFORMS
 from dett_jax.methods import METHODS
-from dett_jax.optimizers import LR_SCALING, OPTIMIZERS
+from dett_jax.optimizers import LR_SCALING, OPTIMIZERS, schedule_error
 from dett_jax.sharding import parse_rules
 from dett_jax.models.projector import PROJECTORS
 from dett_jax.models.resnet import STAGES, feature_channels
 from dett_jax.report import write_json_atomic
 
-# Fields that change how a run is watched, not what it computes: a workdir may be
-# re-run with other values of these (and with more or fewer student methods).
+# Fields that change how a run is watched or where it computes, not what it computes: a
+# workdir may be re-run with other values of these (and with more or fewer student
+# methods). The whole mesh group is placement only: `mesh.cpu_devices` (the number of CPU
+# devices), `mesh.data` / `mesh.model` (the mesh's shape) and `mesh.strategy` /
+# `mesh.rules` (how parameters are sharded over it) decide which device holds which part
+# of the same global arrays; the global batch, the data order and the checkpoints' shapes
+# do not depend on them, and a checkpoint restores under any mesh (tests/test_scale.py).
+# Results may differ by float rounding (another reduction order), as with another
+# number of processes.
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "stop_after_steps",
                      "checkpoint_every_minutes", "keep_checkpoints", "on_nonfinite", "min_free_mb",
                      "sweep.axes", "sweep.subset", "sweep.stack", "sweep.mesh_axis", "sweep.conv",
                      "sweep.execution",
-                     "mesh.data", "mesh.model",
+                     "mesh.cpu_devices", "mesh.data", "mesh.model", "mesh.strategy", "mesh.rules",
                      "distill.methods", "eval_batch_size", "data.workers", "data.check_images")
 
 
@@ -122,8 +129,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(optim.get("accumulate_steps", 1) >= 1,
            f"{name}.accumulate_steps={optim.get('accumulate_steps')} must be >= 1")
     _check(optim.epochs >= 1, f"{name}.epochs={optim.epochs} must be >= 1")
+    _check(optim.get("warmup_epochs", 0.0) >= 0,
+           f"{name}.warmup_epochs={optim.get('warmup_epochs')} must be >= 0 (0: no warmup)")
     _check(optim.learning_rate > 0, f"{name}.learning_rate must be > 0")
   validate_data_config(config)
+  check_schedules(config, known_train_size(config))
   _check(config.get("precision", "float32") in ("float32", "bfloat16"),
          f"precision={config.get('precision')!r}; choose float32 or bfloat16")
   _check(config.get("on_nonfinite", "stop") in ("stop", "skip"),
@@ -187,6 +197,87 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     _check(len(value) == 3, f"data.{field}={value} needs one value per RGB channel")
   _check(all(v > 0 for v in data.get("std", (1.0,))), "data.std values must be > 0")
   _check(data.get("workers", 0) >= 0, f"data.workers={data.get('workers')} must be >= 0")
+
+
+def known_train_size(config: ml_collections.ConfigDict) -> int | None:
+  """The training split's size when the config alone fixes it (the built-in benchmark),
+  else None (a data set on disk: known once loaded)."""
+  if config.data.name != "synthetic":
+    return None
+  from dett_jax.data.synthetic import split_size
+  return split_size("train", config.data.train_size)
+
+
+def check_schedules(config: ml_collections.ConfigDict, train_size: int | None) -> None:
+  """Raises ConfigError when a stage the run trains has a learning-rate schedule that
+  `make_optimizer` cannot build (see `optimizers.schedule_error`): no full batch, no
+  optimizer update, accumulate_steps above the steps of an epoch, no decay steps.
+
+  A stage's steps per epoch are (its training examples) // (its global batch size), the
+  same in any number of processes. Pretraining trains on `pretrain.size` examples, the
+  other stages on the training split (`train_size`; None: not known yet, so only what
+  fails for every size is checked; `setup_context` checks again once the data is loaded).
+  Upsampling (`distill.reweight=upsample`) adds examples of the error set, unknown before
+  identification: the un-upsampled size is used, the fewest steps per epoch, which the
+  methods without upsampling train with exactly (and the upsampled ones with an empty
+  error set). Sweeps: every T_id value of the selected variants is checked.
+  """
+  for field, optim, data, upsampled, context in _scheduled_stages(config):
+    size = config.pretrain.size if data == "pretrain" else train_size
+    if size is None:
+      problem = schedule_error(optim, None, f"{field}.")
+    else:
+      batch = optim.get("batch_size") or config.batch_size
+      batch_field = f"{field}.batch_size" if optim.get("batch_size") else "batch_size"
+      where = "pretrain.size" if data == "pretrain" else "the training split"
+      _check(size // batch >= 1,
+             f"{context}{batch_field}={batch} is larger than the {size} examples of {where}, "
+             f"so {field} has no full batch; lower {batch_field}")
+      steps = size // batch
+      per_epoch = (f"{steps} steps per epoch ({size} examples / {batch_field}={batch}"
+                   f"{', before upsampling' if upsampled else ''})")
+      problem = schedule_error(optim, steps, f"{field}.", per_epoch)
+    _check(problem is None, f"{context}{problem}")
+
+
+def _scheduled_stages(config: ml_collections.ConfigDict) -> list[tuple[str, Any, str, bool, str]]:
+  """(field, optim config, "pretrain" or "train", only upsampled, message prefix) of every
+  stage the run trains (a stage that is loaded or skipped has no schedule to check)."""
+  sweep = "sweep" in config
+  methods = [METHODS[m] for m in (p.strip() for p in str(config.distill.methods).split(","))
+             if m in METHODS]
+  upsample = config.distill.reweight == "upsample"
+  if sweep:  # run_sweep trains the students of its variants (sweep.method)
+    from dett_jax.sweep import method_of, parse_subset, variant_config, variants
+    if config.sweep.get("method", "dett") not in METHODS:
+      return []  # check_sweep names it
+    axes = {name: tuple(values) for name, values in config.sweep.axes.items()}
+    selected = variants(axes, parse_subset(config.sweep.get("subset", "")))
+    students = [method_of(config, v) for v in selected]
+    t_ids = sorted({int(variant_config(config, v).identification.epochs)
+                    for v in selected if method_of(config, v).reweight})
+  else:
+    students = methods
+    t_ids = [config.identification.epochs] if any(m.reweight for m in methods) else []
+  stages = []
+  if config.pretrain.enabled:
+    if not config.teacher.checkpoint and not config.teacher.get("init"):
+      stages.append(("pretrain.teacher", config.pretrain.teacher, "pretrain", False, ""))
+    if students and not config.student.get("init"):
+      stages.append(("pretrain.student", config.pretrain.student, "pretrain", False, ""))
+  if not config.teacher.checkpoint:
+    stages.append(("teacher.optim", config.teacher.optim, "train", False, ""))
+  for t_id in t_ids:
+    optim, context = config.identification, ""
+    if t_id != config.identification.epochs:  # a sweep's T_id value
+      _check(t_id >= 1, f"sweep.axes.T_id={t_id} must be >= 1 (identification epochs)")
+      optim = ml_collections.ConfigDict({**optim.to_dict(), "epochs": t_id})
+      context = f"sweep.axes.T_id={t_id}: "
+    stages.append(("identification", optim, "train", False, context))
+  if students:
+    only_upsampled = upsample and all(m.reweight for m in students)
+    stages.append(("distill.optim", config.distill.optim, "train", only_upsampled, ""))
+  return stages
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -99,3 +99,32 @@ def test_lars_and_lamb_leave_biases_undecayed():
     updates, _ = tx.update(zero, tx.init(params), params)
     assert float(jnp.abs(updates["bias"]).max()) == 0.0, name
     assert float(jnp.abs(updates["kernel"]).max()) > 0.0, name
+
+
+@pytest.mark.parametrize("fields,steps,match", [
+    ({"warmup_epochs": 1, "accumulate_steps": 2}, 6,
+     r"^warmup_epochs=1 leaves no decay steps with epochs=1 \(and accumulate_steps=2 over 6 "
+     r"steps per epoch: 3 updates, all warmup\); lower warmup_epochs below epochs"),
+    ({"accumulate_steps": 7}, 6, r"^accumulate_steps=7 with epochs=1 over 6 steps per epoch "
+     r"gives no optimizer update"),
+    ({"accumulate_steps": 7, "epochs": 3}, 6, r"^accumulate_steps=7 exceeds the 6 steps per epoch"),
+    ({"accumulate_steps": 4}, 6, r"^epochs=1 with accumulate_steps=4 over 6 steps per epoch gives "
+     r"1 update, .*at least 2; raise epochs or lower accumulate_steps to at most 3"),
+    ({}, 1, r"^epochs=1 with 1 steps per epoch gives 1 update, .*raise epochs or lower the batch"),
+    ({"warmup_epochs": 0.9, "accumulate_steps": 3}, 10,
+     r"^warmup_epochs=0.9 rounds to 3 warmup updates of the 3 updates of epochs=1"),
+    ({"warmup_epochs": -1.0}, 6, r"^warmup_epochs=-1 must be >= 0"),
+    ({}, 0, r"^steps_per_epoch=0 must be >= 1"),
+])
+def test_make_optimizer_refuses_a_schedule_without_decay_steps(fields, steps, match):
+  """A library user calling make_optimizer directly gets the reason, not optax's
+  'cosine_decay_schedule requires positive decay_steps'."""
+  with pytest.raises(ValueError, match=match):
+    make_optimizer(optim(**fields), steps, 16)
+
+
+def test_make_optimizer_accepts_the_shortest_schedules():
+  for fields, steps in (({}, 2), ({"accumulate_steps": 3}, 6), ({"warmup_epochs": 0.5}, 4),
+                        ({"warmup_epochs": 1.0, "epochs": 2}, 1),
+                        ({"accumulate_steps": 6, "epochs": 2}, 6)):
+    make_optimizer(optim(**fields), steps, 16)

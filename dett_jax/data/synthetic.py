@@ -106,18 +106,27 @@ def _group_sizes(total: int, proportions) -> list[int]:
   return [max(1, int(s)) for s in sizes]
 
 
+def _split_group_sizes(split: str, size: int) -> list[int]:
+  train = np.asarray(WATERBIRDS_TRAIN_GROUPS, np.float64)
+  if split == "train":
+    return _group_sizes(size, train)
+  if split in ("val", "test"):
+    # Class sizes as in training; the attribute balanced within each class.
+    class_sizes = _group_sizes(size, [train[0] + train[1], train[2] + train[3]])
+    return [n for c in class_sizes for n in (c - c // 2, c // 2)]
+  raise ValueError(f"unknown split {split!r}; expected train, val or test")
+
+
+def split_size(split: str, size: int) -> int:
+  """How many examples `make_split(split, size, ...)` generates, without generating them:
+  `size`, or a little more for a tiny `size` (every group gets at least one example)."""
+  return int(sum(_split_group_sizes(split, size)))
+
+
 def make_split(split: str, size: int, image_size: int, seed: int, class_shapes=(0, 1),
                noise: float = 0.05, faint: float = 0.15) -> Split:
   """Generates the `split` ("train", "val" or "test") of the built-in benchmark."""
-  train = np.asarray(WATERBIRDS_TRAIN_GROUPS, np.float64)
-  if split == "train":
-    sizes = _group_sizes(size, train)
-  elif split in ("val", "test"):
-    # Class sizes as in training; the attribute balanced within each class.
-    class_sizes = _group_sizes(size, [train[0] + train[1], train[2] + train[3]])
-    sizes = [n for c in class_sizes for n in (c - c // 2, c // 2)]
-  else:
-    raise ValueError(f"unknown split {split!r}; expected train, val or test")
+  sizes = _split_group_sizes(split, size)
   rng = np.random.default_rng([seed, ("train", "val", "test").index(split)])
   groups = np.concatenate([np.full(s, g) for g, s in enumerate(sizes)])
   groups = groups[rng.permutation(len(groups))]

@@ -238,9 +238,12 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
   signature = {**{k: str(v) for k, v in spec.signature.items()}, **_shapes(state, "state/")}
   meta = {"step": 0, "history": [], "best_epoch": None, "best_value": None, "skipped_steps": []}
   manager, restored = _restore(spec, manager, state, best, signature)
+  distributed.note_progress(stage=spec.name, step=0, total=total_steps)
   if restored is not None:
     state, best, meta = restored["state"], restored["best"], restored["meta"]
     meta.setdefault("skipped_steps", [])
+    distributed.note_progress(step=int(meta["step"]), checkpoint=os.path.join(
+        _checkpoint_dir(spec.stage_dir), str(int(meta["step"]))))
   last_save = {"time": _now()}
 
   def save(step: int) -> None:
@@ -250,6 +253,7 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
         state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
         meta=ocp.args.JsonSave(meta)), force=True)
     last_save["time"] = _now()
+    distributed.note_progress(checkpoint=os.path.join(_checkpoint_dir(spec.stage_dir), str(step)))
 
   def last_good() -> str:
     manager.wait_until_finished()
@@ -300,6 +304,7 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
         state, metrics = train_step(state, batch, frozen)
         pending.append((step, metrics))
         step += 1
+        distributed.note_progress(step=step)
         bar.update(1)
         epoch_end = step % spec.steps_per_epoch == 0
         periodic = bool(spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0)
