@@ -57,11 +57,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrain.student = optim(epochs=5, learning_rate=3e-3, optimizer="adamw", weight_decay=1e-4)
 
   config.teacher = ml_collections.ConfigDict(dict(
-      depth=18, width=0.125, stem="small", dfr=True,
+      depth=18, width=0.125, stem="small",
+      debias="dfr",  # debiased teachers to produce, comma-separated: "dfr", "gdro" ("" none)
       init="",  # ResNet checkpoint to start from (e.g. imported ImageNet weights)
       checkpoint="",  # a finished teacher: skip training it
       dfr_c_grid=(1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01), dfr_num_refits=10))
-  config.teacher.optim = optim(epochs=4, learning_rate=0.03)
+  config.teacher.optim = optim(epochs=4, learning_rate=0.03)  # ERM and group-DRO teachers
+
+  # Group DRO (Sagawa et al. 2020), for the gdro teacher and the gdro student: step size
+  # of the group weights, and C of the adjustment C / sqrt(n_g) added to each group loss.
+  config.gdro = ml_collections.ConfigDict(dict(eta=0.01, adjustment=0.0))
 
   config.student = ml_collections.ConfigDict(dict(depth=10, width=0.125, stem="small", init=""))
 
@@ -70,10 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.distill = ml_collections.ConfigDict(dict(
       methods="dett,kd,kd_up,simkd,dett_no_transplant,erm,jtt",
-      teacher="dfr",  # which teacher is distilled: "dfr" (debiased) or "erm"
+      teacher="dfr",  # which teacher is distilled: "dfr", "gdro" (debiased) or "erm"
       lambda_up=20.0, reweight="upsample",  # or "loss_weight"
       projector="simkd", projector_factor=2, match="map",  # or "pooled"
       temperature=3.0, kd_ce_weight=0.0,
+      head_weight=1.0,  # dett_head: weight of the head-space term (logit MSE through h_T)
       select="val_worst_group",  # or "last"
       teacher_cache=False))  # True: teacher outputs computed once (needs no augmentation)
   config.distill.optim = optim(epochs=6, learning_rate=2e-3, optimizer="adamw", weight_decay=1e-4)

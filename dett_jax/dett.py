@@ -63,11 +63,18 @@ def apply_projector(projector: nn.Module | None, params: Tree, state: Tree,
 
 
 def matched_feature_loss(projected: jax.Array, teacher_map: jax.Array, weights: jax.Array,
-                         match: str = "map") -> jax.Array:
-  """`feature_loss` after `align_spatial`; `match="pooled"` compares the pooled features."""
+                         match: str = "map", scale: jax.Array | None = None) -> jax.Array:
+  """`feature_loss` after `align_spatial`; `match="pooled"` compares the pooled features.
+
+  `scale` `[c]`: both maps are multiplied by it per channel first (e.g. 1 / the teacher
+  feature's standard deviation over the training set: `dett_std`); None: DeTT's plain MSE.
+  """
   student_map, teacher_map = align_spatial(projected, teacher_map)
   if match == "pooled":
     student_map, teacher_map = jnp.mean(student_map, axis=(1, 2)), jnp.mean(teacher_map, axis=(1, 2))
+  if scale is not None:
+    scale = jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32))
+    student_map, teacher_map = student_map * scale, teacher_map * scale
   return feature_loss(student_map, teacher_map, weights)
 
 

@@ -9,7 +9,9 @@ Procedure of `fit_dfr`:
   1. Split the held-out set (seeded, stratified by group) into halves A and B.
   2. For each C of the grid: standardize with the mean/std of A's
      group-balanced subsample, fit on that subsample, score the worst-group
-     accuracy on B. The best C wins; ties go to the larger C.
+     accuracy on B. The best C wins; ties go to the larger C. A best C at the grid's
+     edge (strictly better than its neighbour) extends the grid beyond it (1 -> 3 -> 10; a bounded number of values, with a
+     warning) and re-tunes on the same halves.
   3. With the chosen C, refit `num_refits` times on different group-balanced
      subsamples of the whole held-out set (standardized with the whole set's
      statistics) and average weights and intercepts.
@@ -30,6 +32,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 DEFAULT_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 _STD_FLOOR = 1e-6
@@ -369,19 +372,52 @@ def _tune_c(
     num_classes: int,
     c_grid: Sequence[float],
     rng: np.random.Generator,
+    max_extensions: int = 0,
 ) -> dict[float, float]:
-  """Worst-group accuracy on half B for each C (fit on balanced half A)."""
+  """Worst-group accuracy on half B for each C (fit on balanced half A).
+
+  When the best C is the grid's largest or smallest value and scores strictly better
+  than its neighbour in the grid (a tie is a plateau, not a trend), the grid is extended
+  beyond that edge, one value at a time (`_beyond`), and the new values scored on the
+  same halves, at most `max_extensions` values in all; every score is kept. The rng is consumed only by the split, so the extension changes nothing
+  downstream but the chosen C."""
   idx_a, idx_b = _stratified_halves(groups, rng)
   train = idx_a[balanced_subsample(groups[idx_a], rng)]
   mean, std = standardization_stats(x[train])
   x_train = _standardize(x[train], mean, std)
   x_eval = _standardize(x[idx_b], mean, std)
-  scores = {}
-  for c in c_grid:
+
+  def score(c: float) -> float:
     w, b = fit_logistic_l1(x_train, labels[train], c=c, num_classes=num_classes)
     pred = _predict_standardized(x_eval, w, b)
-    scores[float(c)] = worst_group_accuracy(pred, labels[idx_b], groups[idx_b])
+    return worst_group_accuracy(pred, labels[idx_b], groups[idx_b])
+
+  scores = {float(c): score(float(c)) for c in c_grid}
+  for _ in range(max_extensions if len(scores) > 1 else 0):
+    best, grid = _pick_c(scores), sorted(scores)
+    if best == grid[-1] and scores[best] > scores[grid[-2]]:
+      edge, new = "largest", _beyond(best, up=True)
+    elif best == grid[0] and scores[best] > scores[grid[1]]:
+      edge, new = "smallest", _beyond(best, up=False)
+    else:
+      break
+    logging.warning(
+        "DFR: the best C=%g (worst-group accuracy %.4f on the tuning half) is the grid's "
+        "%s value; extending the C grid %s to %g and re-tuning", best, scores[best], edge,
+        "upward" if edge == "largest" else "downward", new)
+    scores[new] = score(new)
   return scores
+
+
+def _beyond(c: float, up: bool) -> float:
+  """The next value of the 1-3-10 grid beyond `c`: factors of 3 and 10/3 in turn
+  (1 -> 3 -> 10 upward; 0.01 -> 0.003 -> 0.001 downward), 3 significant digits."""
+  mantissa = c / 10.0 ** np.floor(np.log10(c))  # in [1, 10)
+  if up:
+    factor = 3.0 if mantissa < 2.0 else 10.0 / 3.0
+  else:
+    factor = 1.0 / 3.0 if mantissa > 2.0 else 0.3
+  return float(f"{c * factor:.3g}")
 
 
 def _pick_c(scores: dict[float, float]) -> float:
@@ -398,6 +434,7 @@ def fit_dfr(
     c_grid: Sequence[float] = DEFAULT_C_GRID,
     num_refits: int = 10,
     seed: int = 0,
+    max_grid_extensions: int = 3,
 ) -> DFRResult:
   """Deep Feature Reweighting on held-out embeddings.
 
@@ -409,6 +446,11 @@ def fit_dfr(
     c_grid: inverse L1 strengths to tune over.
     num_refits: number of balanced refits averaged for the final head.
     seed: seed of the split and the subsampling.
+    max_grid_extensions: when the best C is the grid's largest (smallest) value and
+      strictly better than its neighbour, the grid is extended beyond it (factors of 3 and 10/3: 1 -> 3 -> 10) and re-tuned on
+      the same halves, with a warning, up to this many new values (0: never; a
+      one-value grid is never extended). `c_scores` keeps every score. With the best C
+      inside the grid, nothing changes.
 
   Returns:
     DFRResult with a Dense kernel [d, k] / bias [k] on raw embeddings.
@@ -424,7 +466,7 @@ def fit_dfr(
     >>> labels = groups // 2
     >>> embeddings = np.random.default_rng(0).normal(size=(40, 8)) + labels[:, None]
     >>> result = fit_dfr(embeddings, labels, groups, num_classes=2, c_grid=(1.0, 0.1), num_refits=2)
-    >>> result.kernel.shape, result.bias.shape, result.best_c in (1.0, 0.1)
+    >>> result.kernel.shape, result.bias.shape, result.best_c in result.c_scores
     ((8, 2), (2,), True)
   """
   x = np.asarray(embeddings, np.float32)
@@ -437,7 +479,7 @@ def fit_dfr(
     raise ValueError(f"num_refits must be >= 1, got {num_refits}.")
   rng = np.random.default_rng(seed)
 
-  scores = _tune_c(x, labels, groups, num_classes, c_grid, rng)
+  scores = _tune_c(x, labels, groups, num_classes, c_grid, rng, max_grid_extensions)
   best_c = _pick_c(scores)
 
   mean, std = standardization_stats(x)

@@ -48,11 +48,37 @@ def split_metrics(sums: dict[str, np.ndarray], train_counts: np.ndarray, split: 
   if "feat_sq_err" in sums:
     metrics.update(group_ratio_metrics(sums["feat_sq_err"], teacher_spread(sums), split=split,
                                        name="feature_error", num_attrs=num_attrs))
+  if "logit_sq_err" in sums:
+    spread = teacher_spread(sums, "teacher_logit_sq", "teacher_logit_sum")
+    metrics.update(group_ratio_metrics(sums["logit_sq_err"], spread, split=split,
+                                       name="logit_error", num_attrs=num_attrs))
   return metrics
 
 
-def teacher_spread(sums: dict[str, np.ndarray]) -> np.ndarray:
-  """Per group sum_i ||f_T(x_i) - mean f_T||^2, the mean taken over the whole split. `[G]`."""
-  count, teacher_sum = sums["count"], sums["teacher_sum"]
+def teacher_spread(sums: dict[str, np.ndarray], sq: str = "teacher_sq",
+                   total: str = "teacher_sum") -> np.ndarray:
+  """Per group sum_i ||t_i - mean t||^2, the mean taken over the whole split, `[G]`: of the
+  teacher's feature maps (default) or, with `sq="teacher_logit_sq"`,
+  `total="teacher_logit_sum"`, of its logits (the denominator of `logit_error`)."""
+  count, teacher_sum = sums["count"], sums[total]
   mean = teacher_sum.sum(0) / max(count.sum(), 1.0)
-  return sums["teacher_sq"] - 2 * teacher_sum @ mean + count * float(mean @ mean)
+  return sums[sq] - 2 * teacher_sum @ mean + count * float(mean @ mean)
+
+
+def head_sensitivity(sums: dict[str, np.ndarray], head: Any) -> dict[str, list[float]] | None:
+  """Per feature direction (channel of the pooled features) of a feature-matching
+  student, from a split's `feature_diagnostics` sums: `head_weight` (the norm of the
+  head's row for it, class mean removed: how strongly the decision reads it),
+  `teacher_std` (the teacher feature's spread over the split), `student_rmse` (the
+  student's root-mean-square error on it) and `reading` = head_weight x teacher_std (how
+  much of the teacher's logit variation comes from it). None without those sums."""
+  if "channel_t_sum" not in sums:
+    return None
+  n = max(float(np.sum(sums["count"])), 1.0)
+  mean = sums["channel_t_sum"].sum(0) / n
+  std = np.sqrt(np.maximum(sums["channel_t_sq"].sum(0) / n - mean**2, 0.0))
+  rmse = np.sqrt(sums["channel_err_sq"].sum(0) / n)
+  kernel = np.asarray(head["kernel"], np.float64)
+  weight = np.linalg.norm(kernel - kernel.mean(1, keepdims=True), axis=1)
+  return {"head_weight": weight.tolist(), "teacher_std": std.tolist(),
+          "student_rmse": rmse.tolist(), "reading": (weight * std).tolist()}

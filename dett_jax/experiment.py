@@ -1,5 +1,6 @@
-"""The DeTT pipeline, stage by stage: pretrain -> ERM teacher -> DFR teacher ->
-identification -> students -> results.json / report.md / groups.png.
+"""The DeTT pipeline, stage by stage: pretrain -> ERM teacher -> debiased teachers (DFR,
+group DRO: `teacher.debias`) -> identification -> students -> results.json / report.md /
+groups.png.
 
 Every stage writes its outputs under `<workdir>/<stage>/` and a `done.json` last;
 a re-run skips finished stages and resumes an interrupted one from its latest
@@ -24,12 +25,12 @@ from jax.sharding import Mesh
 from dett_jax import dfr, distributed
 from dett_jax.checkpoints import (load_backbone, load_variables, mark_done, save_variables,
                                   stage_done)
-from dett_jax.data import Preprocess, Split, load_splits
+from dett_jax.data import (Preprocess, Split, load_splits, pretraining_classes,
+                           pretraining_set)
 from dett_jax.data.pipeline import (eval_batches, example_weights, train_batches,
                                     upsampled_indices)
-from dett_jax.data.synthetic import SHAPES, make_pretraining_set
-from dett_jax.evaluation import accumulate, split_metrics
-from dett_jax.methods import METHODS, Method, get_method
+from dett_jax.evaluation import accumulate, head_sensitivity, split_metrics
+from dett_jax.methods import METHODS, Method, get_method, parse_debias
 from dett_jax.models.conv import use_patches
 from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet, feature_channels
@@ -89,6 +90,7 @@ class Context:
   mesh: Mesh
   logger: MetricLogger
   preprocess: Preprocess
+  memo: dict = dataclasses.field(default_factory=dict)  # values computed once per run
 
   def place(self, tree: Tree) -> Tree:
     """`tree` on the mesh, sharded by the config's strategy and rules (FSDP or replicated)."""
@@ -120,13 +122,16 @@ class Context:
     return path
 
 
-def evaluate(ctx: Context, eval_step: Any, variables: Tree, frozen: Tree, splits=("val", "test")
-             ) -> dict[str, float]:
+def evaluate(ctx: Context, eval_step: Any, variables: Tree, frozen: Tree, splits=("val", "test"),
+             sums_out: dict | None = None) -> dict[str, float]:
+  """Metrics of `splits`; `sums_out`, when given, receives each split's summed step outputs."""
   metrics = {}
   for split in splits:
     sums = accumulate(eval_step, variables, frozen, ctx.splits[split], ctx.mesh,
                       ctx.config.eval_batch_size, ctx.preprocess, ctx.workers)
     metrics.update(split_metrics(sums, ctx.train_counts, split, ctx.splits[split].num_attrs))
+    if sums_out is not None:
+      sums_out[split] = sums
   return metrics
 
 
@@ -152,8 +157,8 @@ def train_model(ctx: Context, name: str, networks: Networks, method: Method, var
   variables = jax.tree.map(jnp.copy, variables)
   state = ctx.place(create_state(variables["params"], variables["batch_stats"], tx))
   frozen = ctx.place(frozen)
-  step_fn = jit_train_step(make_train_step(networks, method, tx, config.distill), ctx.mesh,
-                           state, frozen)
+  step_fn = jit_train_step(make_train_step(networks, method, tx, step_config(ctx, method)),
+                           ctx.mesh, state, frozen)
   seed = config.seed * 1000 + seed_offset
 
   data = train_batches(split, index_list, num_epochs=optim.epochs,
@@ -209,6 +214,31 @@ def unwrap(variables: Tree) -> Tree:
           "batch_stats": variables["batch_stats"]["student"]}
 
 
+def with_gdro_weights(variables: Tree, num_groups: int) -> Tree:
+  """Step-layout variables with group DRO's weights q = 1/G added as
+  `batch_stats["gdro"]["q"]` `[G]`: state the optimizer never sees, checkpointed and
+  restored with the rest (see `training.steps.gdro_loss`)."""
+  q = jnp.full((num_groups,), 1.0 / num_groups, jnp.float32)
+  return {"params": variables["params"], "batch_stats": {**variables["batch_stats"],
+                                                         "gdro": {"q": q}}}
+
+
+def step_config(ctx: Context, method: Method) -> Any:
+  """The train step's loss settings: `config.distill`, plus for group DRO the step size
+  `gdro_eta` (`config.gdro.eta`) and the adjustment `gdro_adjustment` `[G]`
+  (`config.gdro.adjustment` / sqrt(training group counts)). The teacher and the student
+  share `config.gdro`."""
+  config = ctx.config
+  if method.objective != "gdro":
+    return config.distill
+  gdro = config.get("gdro") or ml_collections.ConfigDict(dict(eta=0.01, adjustment=0.0))
+  out = ml_collections.ConfigDict(config.distill.to_dict())
+  out.gdro_eta = float(gdro.eta)
+  counts = np.maximum(np.asarray(ctx.train_counts, np.float64), 1.0)
+  out.gdro_adjustment = tuple(float(a) for a in float(gdro.adjustment) / np.sqrt(counts))
+  return out
+
+
 def run_stage(ctx: Context, name: str, template: Tree | None, body) -> tuple[Tree | None, dict]:
   """Runs `body() -> (variables, record)` unless the stage is done; loads its outputs if so."""
   stage_dir = ctx.stage_dir(name)
@@ -242,7 +272,7 @@ def pretrain(ctx: Context, role: str) -> Tree:
   """ResNet of `role` ("teacher" or "student") trained on the unbiased pretraining task."""
   config = ctx.config
   arch = config.teacher if role == "teacher" else config.student
-  model = resnet(config, role, len(SHAPES))
+  model = resnet(config, role, pretraining_classes(config.data))
   seed_offset = 1 if role == "teacher" else 2
   initial = init_model(model, config.data.image_size, config.seed * 1000 + seed_offset)
   if arch.get("init"):
@@ -254,8 +284,7 @@ def pretrain(ctx: Context, role: str) -> Tree:
     return initial
 
   def body():
-    data = make_pretraining_set(config.pretrain.size, config.data.image_size, config.data.seed,
-                                config.data.noise, config.data.faint)
+    data = pretraining_set(config.data, config.pretrain.size)
     variables, summary = train_model(ctx, f"pretrain_{role}", erm_networks(model), ERM,
                                      wrap(initial), {}, data, config.pretrain[role],
                                      seed_offset=seed_offset)
@@ -343,6 +372,60 @@ def teacher_dfr(ctx: Context, erm_variables: Tree) -> tuple[Tree, dict]:
         "c_scores": {str(k): v for k, v in result.c_scores.items()}}}
 
   return run_stage(ctx, "teacher_dfr", template, body)
+
+
+def teacher_gdro(ctx: Context, pretrained: Tree) -> tuple[Tree, dict]:
+  """Group-DRO teacher (Sagawa et al. 2020): the teacher architecture fine-tuned from the
+  pretrained backbone with group-DRO cross-entropy on the training group labels
+  (`config.gdro`, `teacher.optim`), selected like the students (`distill.select`). Its
+  backbone and head are both its own."""
+  config = ctx.config
+  train = ctx.splits["train"]
+  model = resnet(config, "teacher", train.num_classes)
+  template = with_new_head(pretrained, model.num_classes, config.seed * 1000 + 5)
+  eval_step = teacher_eval_step(ctx, model)
+
+  def body():
+    select = "val/worst_group_acc" if config.distill.select == "val_worst_group" else None
+    select_step = jax.jit(make_eval_step(erm_networks(model), ERM, train.num_groups,
+                                         diagnostics=False))
+    variables, summary = train_model(ctx, "teacher_gdro", erm_networks(model), METHODS["gdro"],
+                                     with_gdro_weights(wrap(template), train.num_groups), {},
+                                     train, config.teacher.optim, select_metric=select,
+                                     eval_step=select_step, seed_offset=5)
+    q = np.asarray(distributed.to_host(variables["batch_stats"]["gdro"]["q"]), np.float64)
+    variables = unwrap(variables)
+    metrics = evaluate(ctx, eval_step, None, teacher_frozen(variables))
+    return variables, {"metrics": metrics, "selection": summary["selection"],
+                       "group_weights": q.tolist(), "history": summary["history"]}
+
+  return run_stage(ctx, "teacher_gdro", template, body)
+
+
+def teachers(ctx: Context) -> tuple[dict[str, dict], Tree, Tree]:
+  """The teacher stages: ERM, then the debiased teachers of `teacher.debias` (DFR: the
+  ERM backbone with a refit head; group DRO: its own backbone and head). Returns (their
+  `models` entries of results.json, the distilled teacher's variables, its head), the
+  distilled teacher being `distill.teacher`'s."""
+  config = ctx.config
+  debias = parse_debias(config.teacher.get("debias", "dfr"))
+  teacher_pre = None if config.teacher.checkpoint else pretrain(ctx, "teacher")
+  erm_vars, erm_record = teacher_erm(ctx, teacher_pre)
+  models = {"teacher_erm": {"role": "teacher", "method": "erm", "metrics": erm_record["metrics"]}}
+  distilled = {"erm": (erm_vars, erm_vars["params"]["head"])}
+  if "dfr" in debias:
+    head, dfr_record = teacher_dfr(ctx, erm_vars)
+    models["teacher_dfr"] = {"role": "teacher", "method": "dfr", "metrics": dfr_record["metrics"],
+                             "selection": dfr_record["selection"]}
+    distilled["dfr"] = (erm_vars, head)
+  if "gdro" in debias:
+    gdro_vars, gdro_record = teacher_gdro(ctx, teacher_pre)
+    models["teacher_gdro"] = {"role": "teacher", "method": "gdro",
+                              "metrics": gdro_record["metrics"],
+                              "selection": gdro_record["selection"]}
+    distilled["gdro"] = (gdro_vars, gdro_vars["params"]["head"])
+  teacher_vars, head = distilled[config.distill.teacher]
+  return models, teacher_vars, head
 
 
 def identification(ctx: Context, pretrained_student: Tree, epochs: int | None = None) -> dict:
@@ -433,11 +516,31 @@ def student_setup(ctx: Context, method: Method, config: ml_collections.ConfigDic
   else:
     model, projector = resnet(config, "student", train.num_classes), None
     variables = wrap(with_new_head(pretrained_student, model.num_classes, seed))
+    if method.objective == "gdro":
+      variables = with_gdro_weights(variables, train.num_groups)
   networks = Networks(student=model, projector=projector, teacher=teacher_model)
   frozen = {"teacher": teacher_vars, "teacher_head": teacher_head}
   if method.transplant:
     frozen["head"] = teacher_head
+  if method.standardize:
+    frozen["feature_scale"] = teacher_feature_scale(ctx, teacher_model, teacher_vars)
   return networks, variables, frozen
+
+
+def teacher_feature_scale(ctx: Context, model, variables: Tree) -> jax.Array:
+  """1 / the per-channel standard deviation `[c]` of the teacher's feature maps over the
+  training split (every position, no augmentation): `dett_std`'s scale. Computed once
+  per teacher and run (kept on `ctx`)."""
+  key = ("feature_scale", id(variables))
+  if key not in ctx.memo:
+    def moments(v, x):
+      fmap = model.apply(v, x, train=False)["feature_map"].astype(jnp.float32)
+      return jnp.stack([jnp.mean(fmap, (1, 2)), jnp.mean(jnp.square(fmap), (1, 2))], 1)
+    m = per_example(ctx, moments, variables, ctx.splits["train"]).astype(np.float64).mean(0)
+    std = np.sqrt(np.maximum(m[1] - m[0] ** 2, 0.0))
+    ctx.memo[key] = jnp.asarray(1.0 / np.maximum(std, 1e-6 * max(float(std.max()), 1e-12)),
+                                jnp.float32)
+  return ctx.memo[key]
 
 
 def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars: Tree,
@@ -451,7 +554,10 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
                                               teacher_vars, teacher_head, seed)
   teacher_model = networks.teacher
   eval_step = jax.jit(make_eval_step(networks, method, train.num_groups))
-  select_step = jax.jit(make_eval_step(networks, method, train.num_groups, diagnostics=False))
+  # Selection evaluates val each epoch; with a teacher, its diagnostics (agreement, feature
+  # and logit error) go to metrics.jsonl and TensorBoard too.
+  select_step = eval_step if method.uses_teacher else jax.jit(
+      make_eval_step(networks, method, train.num_groups, diagnostics=False))
 
   def body():
     index_list, weights = None, None
@@ -467,14 +573,21 @@ def student(ctx: Context, method: Method, pretrained_student: Tree, teacher_vars
                                     config.distill.optim, index_list=index_list, weights=weights,
                                     select_metric=select, eval_step=select_step,
                                     seed_offset=seed_offset, cached=cached)
-    metrics = evaluate(ctx, eval_step, selected, frozen)
-    return selected, {"metrics": metrics, "selection": summary["selection"],
-                      "history": summary["history"]}
+    sums: dict = {}
+    metrics = evaluate(ctx, eval_step, selected, frozen, sums_out=sums)
+    record = {"metrics": metrics, "selection": summary["selection"], "history": summary["history"]}
+    sensitivity = head_sensitivity(sums["val"], teacher_head)
+    if sensitivity is not None:
+      record["head_sensitivity"] = {"split": "val", **sensitivity}
+    return selected, record
 
   variables = replicate(variables, ctx.mesh)
   _, record = run_stage(ctx, name, variables, body)
-  return {"role": "student", "method": method.name, "metrics": record["metrics"],
-          "selection": record["selection"]}
+  entry = {"role": "student", "method": method.name, "metrics": record["metrics"],
+           "selection": record["selection"]}
+  if "head_sensitivity" in record:
+    entry["head_sensitivity"] = record["head_sensitivity"]
+  return entry
 
 
 # ---------------------------------------------------------------------------
@@ -541,24 +654,15 @@ def optimizers(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def run_stages(ctx: Context, methods: list[Method]) -> dict[str, dict]:
   """Teachers, identification and students in order; returns the `models` of results.json."""
-  config = ctx.config
-  teacher_pre = None if config.teacher.checkpoint else pretrain(ctx, "teacher")
-  erm_vars, erm_record = teacher_erm(ctx, teacher_pre)
-  models = {"teacher_erm": {"role": "teacher", "method": "erm", "metrics": erm_record["metrics"]}}
-  head = erm_vars["params"]["head"]
-  if config.teacher.dfr:
-    head, dfr_record = teacher_dfr(ctx, erm_vars)
-    models["teacher_dfr"] = {"role": "teacher", "method": "dfr", "metrics": dfr_record["metrics"],
-                             "selection": dfr_record["selection"]}
-  distill_head = head if config.distill.teacher == "dfr" else erm_vars["params"]["head"]
+  models, teacher_vars, distill_head = teachers(ctx)
 
   student_pre = pretrain(ctx, "student") if methods else None
   error_set = np.zeros(0, np.int64)
   if any(m.reweight for m in methods):
     error_set = np.asarray(identification(ctx, student_pre)["error_set"], np.int64)
   for method in methods:
-    models[f"student_{method.name}"] = student(ctx, method, student_pre, erm_vars, distill_head,
-                                               error_set)
+    models[f"student_{method.name}"] = student(ctx, method, student_pre, teacher_vars,
+                                               distill_head, error_set)
   return models
 
 

@@ -168,10 +168,13 @@ def _diagnostics_table(models: Mapping[str, Mapping[str, Any]]) -> str | None:
     return None
   agree_groups = _groups_with_prefix(students, "test/agreement/")
   feat_groups = _groups_with_prefix(students, "test/feature_error/")
+  logit_groups = _groups_with_prefix(students, "test/logit_error/")
   columns = ["model", "method", "agreement"]
   columns += [f"agreement {g}" for g in agree_groups]
   columns.append("feature error")
   columns += [f"feature error {g}" for g in feat_groups]
+  columns.append("logit error")
+  columns += [f"logit error {g}" for g in logit_groups]
   rows = []
   for name, model in students.items():
     m = model.get("metrics", {})
@@ -180,14 +183,59 @@ def _diagnostics_table(models: Mapping[str, Mapping[str, Any]]) -> str | None:
         "method": model.get("method", MISSING),
         "agreement": format_percent(m.get("test/agreement")),
         "feature error": format_float(m.get("test/feature_error")),
+        "logit error": format_float(m.get("test/logit_error")),
     }
     for g in agree_groups:
       row[f"agreement {g}"] = format_percent(m.get(f"test/agreement/{g}"))
     for g in feat_groups:
       row[f"feature error {g}"] = format_float(
           m.get(f"test/feature_error/{g}"))
+    for g in logit_groups:
+      row[f"logit error {g}"] = format_float(m.get(f"test/logit_error/{g}"))
     rows.append(row)
   return format_table(rows, columns)
+
+
+def plot_head_sensitivity(name: str, data: Mapping[str, Any], path: str) -> None:
+  """`head_sensitivity.png` of one feature-matching student: per feature direction
+  (channel of the pooled features), the transplanted head's weight against the teacher
+  feature's spread (colour: the student's error relative to that spread), and the
+  student's relative error on the directions the head reads most."""
+  # pylint: disable=g-import-not-at-top
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  # pylint: enable=g-import-not-at-top
+  weight = np.asarray(data["head_weight"], np.float64)
+  std = np.asarray(data["teacher_std"], np.float64)
+  rmse = np.asarray(data["student_rmse"], np.float64)
+  relative = rmse / np.maximum(std, 1e-12)
+  reading = weight * std
+  tiny = 1e-8
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+  try:
+    points = left.scatter(np.maximum(std, tiny), np.maximum(weight, tiny), c=relative,
+                          cmap="viridis", vmin=0.0, vmax=max(1.0, float(np.nanmax(relative))),
+                          s=14 + 120 * reading / max(float(reading.max()), tiny), alpha=0.8)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel(f"teacher feature spread (std over {data.get('split', 'val')})")
+    left.set_ylabel("head weight |W_c| (class mean removed)")
+    left.set_title("Which directions the head reads (size: weight x spread)")
+    fig.colorbar(points, ax=left, label="student error / teacher spread")
+    order = np.argsort(-reading)[:min(20, len(reading))]
+    right.bar(np.arange(len(order)), relative[order], color="tab:red")
+    right.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    right.set_xticks(np.arange(len(order)))
+    right.set_xticklabels([str(int(c)) for c in order], fontsize=7, rotation=90)
+    right.set_xlabel("channel, by share of the teacher's logit variation (weight x spread)")
+    right.set_ylabel("student error / teacher spread")
+    right.set_title("Does the student reproduce what the head reads?")
+    fig.suptitle(name)
+    fig.tight_layout()
+    _replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+  finally:
+    plt.close(fig)
 
 
 def _plot_groups(models: Mapping[str, Mapping[str, Any]],
@@ -247,10 +295,23 @@ def write_report(results: Mapping[str, Any], workdir: str) -> None:
   if diagnostics is not None:
     parts += [
         "## Student diagnostics\n",
-        "Test agreement with the teacher (percent) and relative feature "
-        "error sum ||p(f_S) - f_T||^2 / sum ||f_T - mean f_T||^2.\n",
+        "Test agreement with the teacher (percent), relative feature error "
+        "sum ||p(f_S) - f_T||^2 / sum ||f_T - mean f_T||^2, and logit error: the same "
+        "seen through the transplanted head, sum ||h_T(p(f_S)) - h_T(f_T)||^2 / "
+        "sum ||h_T(f_T) - mean h_T(f_T)||^2 (a small feature error can still flip "
+        "decisions when the head reads low-variance directions).\n",
         diagnostics,
     ]
+  sensitive = [name for name, model in models.items() if model.get("head_sensitivity")]
+  for name in sensitive:
+    plot_head_sensitivity(name, models[name]["head_sensitivity"],
+                          os.path.join(workdir, name, "head_sensitivity.png"))
+  if sensitive:
+    parts += ["## Head sensitivity\n",
+              "Per feature direction: the transplanted head's weight against the "
+              "teacher feature's spread, and the student's error on the directions the "
+              "head reads (validation split).\n"]
+    parts += [f"![{name}]({name}/head_sensitivity.png)\n" for name in sensitive]
   selections = {name: model["selection"] for name, model in models.items()
                 if model.get("selection")}
   if selections:

@@ -61,8 +61,10 @@ from dett_jax.training.looped import LoopedEvalStep, LoopedTrainStep, pad_varian
 from dett_jax.training.steps import create_state, jit_train_step, make_eval_step, make_stacked_train_step
 from dett_jax.validation import ConfigError
 
-AXES = ("projector", "match", "transplant", "T_id", "lambda_up", "learning_rate", "seed")
-GROUP_AXES = ("projector", "match", "transplant")  # change the program or parameter shapes
+AXES = ("method", "projector", "match", "transplant", "head_weight", "T_id", "lambda_up",
+        "learning_rate", "epochs", "seed")
+# Change the program, the parameter shapes or the schedule's length.
+GROUP_AXES = ("method", "projector", "match", "transplant", "head_weight", "epochs")
 DATA_AXES = ("T_id", "lambda_up")  # change the data when distill.reweight="upsample"
 Tree = Any
 
@@ -84,9 +86,20 @@ def check_sweep(config: ml_collections.ConfigDict) -> list[dict]:
   if config.sweep.get("method", "dett") not in METHODS:
     raise SweepError(f"sweep.method={config.sweep.method!r}; choose from {', '.join(METHODS)}")
   axes = {name: tuple(values) for name, values in config.sweep.axes.items()}
+  unknown = [m for m in axes.get("method", ()) if m not in METHODS]
+  if unknown:
+    raise SweepError(f"sweep.axes.method: unknown method(s) {unknown}; choose from "
+                     f"{', '.join(METHODS)}")
+  if any(int(e) < 1 for e in axes.get("epochs", ())):
+    raise SweepError(f"sweep.axes.epochs={list(axes['epochs'])}: every value must be >= 1")
   selected = variants(axes, parse_subset(config.sweep.get("subset", "")))
   if not selected:
     raise SweepError("the sweep selects no variant; check sweep.subset")
+  if any(method_of(config, v).objective == "gdro" for v in selected):
+    # Its group weights and group-DRO settings are not wired into stacked groups.
+    raise SweepError("sweeps do not train gdro students; drop gdro from sweep.method / "
+                     "sweep.axes.method (train.py without a sweep trains them: "
+                     "--config.distill.methods=gdro)")
   return selected
 
 
@@ -172,6 +185,10 @@ def variant_config(config: ml_collections.ConfigDict, variant: dict) -> ml_colle
     out.distill.optim.learning_rate = float(variant["learning_rate"])
   if "T_id" in variant:
     out.identification.epochs = int(variant["T_id"])
+  if "head_weight" in variant:
+    out.distill.head_weight = float(variant["head_weight"])
+  if "epochs" in variant:
+    out.distill.optim.epochs = int(variant["epochs"])
   return out
 
 
@@ -195,7 +212,7 @@ def use_patches_everywhere(config: ml_collections.ConfigDict, k: int) -> bool:
 
 
 def method_of(config: ml_collections.ConfigDict, variant: dict):
-  base = config.sweep.get("method", "dett")
+  base = variant.get("method", config.sweep.get("method", "dett"))
   if variant.get("transplant") is False:
     base = {"dett": "dett_no_transplant"}.get(base, base)
   return METHODS[base]
@@ -353,12 +370,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   records, group_stats = [], {}
   try:
     with experiment.StopSignals():
-      teacher_pre = None if config.teacher.checkpoint else experiment.pretrain(ctx, "teacher")
-      erm_vars, _ = experiment.teacher_erm(ctx, teacher_pre)
-      head = erm_vars["params"]["head"]
-      if config.teacher.dfr:
-        head, _ = experiment.teacher_dfr(ctx, erm_vars)
-      distill_head = head if config.distill.teacher == "dfr" else erm_vars["params"]["head"]
+      _, teacher_vars, distill_head = experiment.teachers(ctx)
       student_pre = experiment.pretrain(ctx, "student")
       error_sets = {}
       for v in selected:
@@ -371,7 +383,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           config.sweep.get("stack", True)), group)
 
         def body(group=group, name=name):
-          recs, stats = train_group(ctx, name, group, student_pre, erm_vars, distill_head,
+          recs, stats = train_group(ctx, name, group, student_pre, teacher_vars, distill_head,
                                     error_sets)
           return None, {"runs": recs, "stats": stats}
 

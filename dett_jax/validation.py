@@ -11,9 +11,9 @@ import jax
 import ml_collections
 
 from dett_jax import distributed
-from dett_jax.data import LOADERS
+from dett_jax.data import GENERATED, LOADERS, generated_benchmark
 from dett_jax.data.images import TRAIN_TRANSFORMS
-from dett_jax.methods import METHODS
+from dett_jax.methods import METHODS, TEACHER_DEBIAS, parse_debias
 from dett_jax.optimizers import LR_SCALING, OPTIMIZERS, schedule_error
 from dett_jax.sharding import parse_rules
 from dett_jax.models.projector import PROJECTORS
@@ -21,20 +21,21 @@ from dett_jax.models.resnet import STAGES, feature_channels
 from dett_jax.report import write_json_atomic
 
 # Fields that change how a run is watched or where it computes, not what it computes: a
-# workdir may be re-run with other values of these (and with more or fewer student
-# methods). The whole mesh group is placement only: `mesh.cpu_devices` (the number of CPU
-# devices), `mesh.data` / `mesh.model` (the mesh's shape) and `mesh.strategy` /
-# `mesh.rules` (how parameters are sharded over it) decide which device holds which part
-# of the same global arrays; the global batch, the data order and the checkpoints' shapes
-# do not depend on them, and a checkpoint restores under any mesh (tests/test_scale.py).
-# Results may differ by float rounding (another reduction order), as with another
-# number of processes.
+# workdir may be re-run with other values of these (and with more or fewer student methods
+# or debiased teachers: each is its own stage). The whole mesh group is placement only:
+# `mesh.cpu_devices` (the number of CPU devices), `mesh.data` / `mesh.model` (the mesh's
+# shape) and `mesh.strategy` / `mesh.rules` (how parameters are sharded over it) decide
+# which device holds which part of the same global arrays; the global batch, the data
+# order and the checkpoints' shapes do not depend on them, and a checkpoint restores under
+# any mesh (tests/test_scale.py). Results may differ by float rounding (another reduction
+# order), as with another number of processes.
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "stop_after_steps",
                      "checkpoint_every_minutes", "keep_checkpoints", "on_nonfinite", "min_free_mb",
                      "sweep.axes", "sweep.subset", "sweep.stack", "sweep.mesh_axis", "sweep.conv",
                      "sweep.execution",
                      "mesh.cpu_devices", "mesh.data", "mesh.model", "mesh.strategy", "mesh.rules",
-                     "distill.methods", "eval_batch_size", "data.workers", "data.check_images")
+                     "distill.methods", "teacher.debias", "eval_batch_size", "data.workers",
+                     "data.check_images")
 
 
 class ConfigError(ValueError):
@@ -95,10 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            "distill.reweight=upsample; round it or use distill.reweight=loss_weight")
   _check(config.distill.match in ("map", "pooled"),
          f"distill.match={config.distill.match!r}; choose map or pooled")
-  _check(config.distill.teacher in ("dfr", "erm"),
-         f"distill.teacher={config.distill.teacher!r}; choose dfr or erm")
-  _check(config.distill.teacher == "erm" or config.teacher.dfr,
-         "distill.teacher=dfr needs teacher.dfr=True; set one of them")
+  validate_teachers(config)
   _check(config.distill.select in ("val_worst_group", "last"),
          f"distill.select={config.distill.select!r}; choose val_worst_group or last")
   _check(0.0 <= config.distill.kd_ce_weight <= 1.0,
@@ -167,16 +165,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            "give the path of an Orbax checkpoint of teacher variables")
 
 
+def validate_teachers(config: ml_collections.ConfigDict) -> None:
+  """Checks `teacher.debias`, `distill.teacher` and `gdro` (group-DRO settings)."""
+  _check("dfr" not in config.teacher,
+         "teacher.dfr was replaced by teacher.debias; use --config.teacher.debias=dfr (or \"\" "
+         "for no debiased teacher)")
+  debias = parse_debias(config.teacher.get("debias", "dfr"))
+  for name in debias:
+    _check(name in TEACHER_DEBIAS, f"teacher.debias: unknown debiased teacher {name!r}; choose "
+           f"from {', '.join(TEACHER_DEBIAS)} (comma-separated, \"\" for none)")
+  _check(len(set(debias)) == len(debias), f"teacher.debias={config.teacher.debias!r} names a "
+         "teacher twice; list each once")
+  _check(config.distill.teacher in ("erm",) + TEACHER_DEBIAS,
+         f"distill.teacher={config.distill.teacher!r}; choose erm, {', '.join(TEACHER_DEBIAS)}")
+  _check(config.distill.teacher == "erm" or config.distill.teacher in debias,
+         f"distill.teacher={config.distill.teacher} needs that teacher in teacher.debias "
+         f"(now {config.teacher.get('debias', 'dfr')!r}); add it there, or distil another one")
+  methods = [m.strip() for m in str(config.distill.methods).split(",") if m.strip()]
+  if "gdro" in debias or "gdro" in methods or "gdro" in config:
+    gdro = config.get("gdro") or {}
+    eta, adjustment = gdro.get("eta", 0.01), gdro.get("adjustment", 0.0)
+    _check(eta > 0, f"gdro.eta={eta} must be > 0 (the group weights' step size; default 0.01)")
+    _check(adjustment >= 0, f"gdro.adjustment={adjustment} must be >= 0 (C of C / sqrt(n_g); "
+           "0: none)")
+  if "gdro" in debias:
+    _check(not config.teacher.checkpoint,
+           "teacher.debias=gdro fine-tunes the pretrained teacher backbone, which "
+           "teacher.checkpoint (a finished teacher) skips; drop gdro from teacher.debias, or "
+           "give the backbone as teacher.init instead of teacher.checkpoint")
+
+
 def validate_data_config(config: ml_collections.ConfigDict) -> None:
   """Checks `config.data` (loader, preprocessing, workers) and its fit with pretraining."""
   data = config.data
   _check(data.name in LOADERS, f"data.name={data.name!r}; choose from {', '.join(LOADERS)}")
-  _check(data.name == "synthetic" or not config.pretrain.enabled,
-         f"pretrain.enabled=True trains on the built-in synthetic pretraining task, which only "
-         f"goes with data.name=synthetic; for data.name={data.name} set pretrain.enabled=False "
-         "and give ImageNet weights as teacher.init/student.init (see README, 'Teachers and "
-         "weights from PyTorch')")
-  if data.name != "synthetic":
+  _check(data.name in GENERATED or not config.pretrain.enabled,
+         f"pretrain.enabled=True trains on a built-in benchmark's pretraining task, which only "
+         f"goes with data.name in ({', '.join(GENERATED)}); for data.name={data.name} set "
+         "pretrain.enabled=False and give ImageNet weights as teacher.init/student.init (see "
+         "README, 'Teachers and weights from PyTorch')")
+  if data.name not in GENERATED:
     _check(bool(data.get("root")) or data.get("source") == "tfds",
            "data.root is empty; give the data folder: --config.data.root=DIR")
   _check(data.image_size >= 8, f"data.image_size={data.image_size} must be >= 8")
@@ -202,10 +230,10 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
 def known_train_size(config: ml_collections.ConfigDict) -> int | None:
   """The training split's size when the config alone fixes it (the built-in benchmark),
   else None (a data set on disk: known once loaded)."""
-  if config.data.name != "synthetic":
+  benchmark = generated_benchmark(config.data.name)
+  if benchmark is None:
     return None
-  from dett_jax.data.synthetic import split_size
-  return split_size("train", config.data.train_size)
+  return benchmark.split_size("train", config.data.train_size)
 
 
 def check_schedules(config: ml_collections.ConfigDict, train_size: int | None) -> None:

@@ -13,9 +13,10 @@ Without `--run` the example first makes its own debiased teacher: a ResNet train
 ERM on the biased training split, whose head is then refit by DFR on the validation split.
 The ERM teacher also serves as the identification model: its training errors are the
 error set. With `--run DIR` (a finished `python train.py --workdir DIR` run), the
-teacher (`teacher_erm` + `teacher_dfr`), the pretrained student backbone and the error
-set (`identification`) come from that run, and the data, seed and distillation settings
-from its `config.json`, so the result can be compared with the run's `student_dett`.
+teacher (`teacher_erm` + `teacher_dfr`, or `teacher_gdro`), the pretrained student
+backbone and the error set (`identification`) come from that run, and the data, seed and
+distillation settings from its `config.json`, so the result can be compared with the run's
+`student_dett`.
 
 Then DeTT: the student ResNet (no head of its own) plus a projector learn to match the
 teacher's last-stage feature map on the upsampled training set; the student predicts
@@ -159,7 +160,10 @@ def from_run(run_dir: str) -> dict[str, Any]:
                      "default distill.reweight=upsample)")
   with open(os.path.join(run_dir, "identification", "error_set.json")) as f:
     error_set = np.asarray(json.load(f)["error_set"], np.int64)
-  teacher_vars = dett_jax.load_variables(os.path.join(run_dir, "teacher_erm", "final"))
+  # The distilled teacher (distill.teacher): DFR's head on the ERM backbone, or a group-DRO
+  # teacher's own backbone and head, or the ERM teacher.
+  stage = "teacher_gdro" if config["distill"]["teacher"] == "gdro" else "teacher_erm"
+  teacher_vars = dett_jax.load_variables(os.path.join(run_dir, stage, "final"))
   head = teacher_vars["params"]["head"]
   if config["distill"]["teacher"] == "dfr":
     head = dett_jax.load_variables(os.path.join(run_dir, "teacher_dfr", "final"))

@@ -13,11 +13,11 @@ models are plain `nnx.Module`s; the ERM stages use idiomatic NNX (`nnx.Optimizer
 Without `--run`: an ERM model of the student's architecture, trained briefly, gives the
 error set (its training mistakes); a JTT teacher (ERM on the upsampled training set) is
 the debiased teacher. With `--run DIR` (a finished `python train.py --workdir DIR` run),
-the teacher (`teacher_erm` + the `teacher_dfr` head), the pretrained student backbone and
-the error set come from that run, and data, seed and distillation settings from its
-`config.json`. The NNX ResNet below computes exactly what `dett_jax.create_resnet`
-computes, and its attribute names follow that model's parameter names, so train.py's
-checkpoints load by name.
+the teacher (`teacher_erm` + the `teacher_dfr` head, or `teacher_gdro` with
+distill.teacher=gdro), the pretrained student backbone and the error set come from that
+run, and data, seed and distillation settings from its `config.json`. The NNX ResNet below
+computes exactly what `dett_jax.create_resnet` computes, and its attribute names follow
+that model's parameter names, so train.py's checkpoints load by name.
 
 Then DeTT: the student (no head of its own) plus a projector learn to match the
 teacher's last-stage feature map on the upsampled training set; the student predicts
@@ -230,7 +230,10 @@ def from_run(run_dir: str) -> dict[str, Any]:
   with open(os.path.join(run_dir, "identification", "error_set.json")) as f:
     error_set = np.asarray(json.load(f)["error_set"], np.int64)
   num_classes = config["data"].get("num_classes", 2)
-  teacher_vars = dett_jax.load_variables(os.path.join(run_dir, "teacher_erm", "final"))
+  # The distilled teacher (distill.teacher): DFR's head on the ERM backbone, or a group-DRO
+  # teacher's own backbone and head, or the ERM teacher.
+  stage = "teacher_gdro" if config["distill"]["teacher"] == "gdro" else "teacher_erm"
+  teacher_vars = dett_jax.load_variables(os.path.join(run_dir, stage, "final"))
   teacher = load_linen_variables(
       nnx.eval_shape(lambda: ResNet(config["teacher"]["depth"], num_classes,
                                     config["teacher"]["width"], rngs=nnx.Rngs(0))), teacher_vars)

@@ -224,7 +224,8 @@ def test_a_data_set_on_disk_is_checked_once_loaded(tmp_path):
 
 
 # get_config arguments of the config files that take one ("" / "default": none).
-CONFIG_SETTINGS = {"ablation": ("full", "tiny"), "waterbirds": ("cpu",), "celeba": ("cpu",)}
+CONFIG_SETTINGS = {"ablation": ("full", "tiny"), "waterbirds": ("cpu",), "celeba": ("cpu",),
+                   "synthetic_marks": ("tiny",)}
 
 
 def _shipped_configs():
@@ -238,6 +239,7 @@ def _shipped_configs():
 
 def test_every_shipped_config_validates():
   from conftest import load_config, override
+  from dett_jax.data import GENERATED
   from dett_jax.validation import check_schedules
   shipped = _shipped_configs()
   assert {n for n, _ in shipped} >= {"synthetic", "tiny", "ablation", "waterbirds", "celeba"}
@@ -245,7 +247,7 @@ def test_every_shipped_config_validates():
   train_sizes = {"waterbirds": 4795, "celeba": 162770}
   for name, args in shipped:
     config = load_config(name, *args)
-    if config.data.name != "synthetic":
+    if config.data.name not in GENERATED:
       config = override(config, **{"data.root": "/data"})
     validate_config(config)
     if name in train_sizes:

@@ -1,9 +1,11 @@
 """Data sets: each loader returns {"train", "val", "test"} `Split`s.
 
 `config.data.name` picks the loader: `synthetic` (the built-in benchmark, in memory),
-`metadata_csv` (a Waterbirds-layout folder: any data set with a binary spurious
-attribute), or `celeba` (CSV layout or TFDS). `Preprocess.from_config(config.data)`
-gives the matching image transforms.
+`synthetic_marks` (the second built-in benchmark: a small faint mark on a dominant
+colour field), `metadata_csv` (a Waterbirds-layout folder: any data set with a binary
+spurious attribute), or `celeba` (CSV layout or TFDS). `Preprocess.from_config(config.data)`
+gives the matching image transforms. The built-in (generated) benchmarks also carry their
+own unbiased pretraining task: `pretraining_set(config.data, size)`.
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ from typing import Any
 from dett_jax.data.images import Preprocess
 from dett_jax.data.split import DataError, Split
 
-LOADERS = ("synthetic", "metadata_csv", "celeba")
+LOADERS = ("synthetic", "synthetic_marks", "metadata_csv", "celeba")
+# Built-in benchmarks generated in memory: data.name -> module with `splits_from_config`,
+# `split_size`, `pretraining_from_config` and `PRETRAINING_CLASSES`.
+GENERATED = {"synthetic": "dett_jax.data.synthetic",
+             "synthetic_marks": "dett_jax.data.synthetic_marks"}
 
 
 def load_splits(data_config: Any) -> dict[str, Split]:
   """Loads the train/val/test splits named by `config.data` (a ConfigDict or a dict).
 
-  `name` picks the loader (`synthetic`, `metadata_csv`, `celeba`); the other fields are
-  the loader's (see `configs/synthetic.py`, `configs/waterbirds.py`, `configs/celeba.py`).
+  `name` picks the loader (`synthetic`, `synthetic_marks`, `metadata_csv`, `celeba`); the
+  other fields are the loader's (see `configs/synthetic.py`, `configs/synthetic_marks.py`,
+  `configs/waterbirds.py`, `configs/celeba.py`).
   For the built-in benchmark: `image_size`, `train_size`, `val_size`, `test_size`, and
-  optionally `seed` (0), `class_shapes` ((3, 2)), `noise` (0.05), `faint` (0.15).
+  optionally `seed` (0), `class_shapes` ((3, 2)), `noise` (0.05), `faint` (0.15). For the
+  marks benchmark: the same sizes and `seed`, and optionally `class_marks` ((0, 1)),
+  `noise` (0.04), `faint` (0.15), `mark_contrast` ((0.25, 0.45)), `field_contrast` (0.2).
 
   Returns:
     {"train", "val", "test"} -> `Split`; the training split of the built-in benchmark is
@@ -39,8 +48,8 @@ def load_splits(data_config: Any) -> dict[str, Split]:
     import ml_collections
     data_config = ml_collections.ConfigDict(data_config)
   name = data_config.name
-  if name == "synthetic":
-    return _synthetic(data_config)
+  if name in GENERATED:
+    return generated_benchmark(name).splits_from_config(data_config)
   if name == "metadata_csv":
     from dett_jax.data.metadata_csv import load_metadata_folder
     return load_metadata_folder(data_config.root, attr_column=data_config.attr_column,
@@ -59,20 +68,32 @@ def load_splits(data_config: Any) -> dict[str, Split]:
   raise DataError(f"unknown data.name {name!r}; choose from {', '.join(LOADERS)}")
 
 
-def _synthetic(data_config: Any) -> dict[str, Split]:
-  from dett_jax.data.synthetic import make_split
-  sizes = {"train": data_config.train_size, "val": data_config.val_size,
-           "test": data_config.test_size}
-  if data_config.image_size < 16:
-    raise DataError(f"data.image_size={data_config.image_size} is too small for the built-in "
-                    "benchmark's shapes; use at least 16")
-  for split, size in sizes.items():
-    if size < 8:
-      raise DataError(f"data.{split}_size={size} is too small; use at least 8 examples")
-  return {split: make_split(split, size, data_config.image_size, data_config.get("seed", 0),
-                            tuple(data_config.get("class_shapes", (3, 2))),
-                            data_config.get("noise", 0.05), data_config.get("faint", 0.15))
-          for split, size in sizes.items()}
+def generated_benchmark(name: str) -> Any | None:
+  """The module of the built-in benchmark `name` (see `GENERATED`), or None for data on disk."""
+  if name not in GENERATED:
+    return None
+  import importlib
+  return importlib.import_module(GENERATED[name])
 
 
-__all__ = ["DataError", "LOADERS", "Preprocess", "Split", "load_splits"]
+def pretraining_classes(data_config: Any) -> int:
+  """Number of classes of `config.data`'s pretraining task (its head is replaced before
+  fine-tuning). Data on disk has none: 8, a placeholder head for a backbone that comes
+  from `teacher.init`/`student.init` or starts random."""
+  module = generated_benchmark(data_config.name)
+  return module.PRETRAINING_CLASSES if module is not None else 8
+
+
+def pretraining_set(data_config: Any, size: int) -> Split:
+  """The unbiased pretraining task (`size` examples) of the built-in benchmark that
+  `config.data` names: shapes x backgrounds for `synthetic`, marks x colour fields for
+  `synthetic_marks`, each labelled by the core feature."""
+  module = generated_benchmark(data_config.name)
+  if module is None:
+    raise DataError(f"data.name={data_config.name!r} has no built-in pretraining task; choose "
+                    f"from {', '.join(GENERATED)} or set pretrain.enabled=False")
+  return module.pretraining_from_config(data_config, size)
+
+
+__all__ = ["DataError", "GENERATED", "LOADERS", "Preprocess", "Split", "generated_benchmark",
+           "load_splits", "pretraining_classes", "pretraining_set"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dett_jax.data.split import Split
+from dett_jax.data.split import DataError, Split
 
 # Waterbirds training group sizes, indexed by g = 2*y + a.
 WATERBIRDS_TRAIN_GROUPS = (3498, 184, 56, 1057)
@@ -147,3 +147,28 @@ def make_pretraining_set(size: int, image_size: int, seed: int, noise: float = 0
   images = render(shapes, bgs, image_size, rng, noise, faint)
   return Split(images, shapes.astype(np.int32), bgs.astype(np.int32),
                num_classes=len(SHAPES), num_attrs=len(BACKGROUNDS), name="pretraining")
+
+
+PRETRAINING_CLASSES = len(SHAPES)
+
+
+def splits_from_config(data_config) -> dict[str, Split]:
+  """{"train", "val", "test"} from `config.data` (see configs/synthetic.py)."""
+  sizes = {"train": data_config.train_size, "val": data_config.val_size,
+           "test": data_config.test_size}
+  if data_config.image_size < 16:
+    raise DataError(f"data.image_size={data_config.image_size} is too small for the built-in "
+                    "benchmark's shapes; use at least 16")
+  for split, size in sizes.items():
+    if size < 8:
+      raise DataError(f"data.{split}_size={size} is too small; use at least 8 examples")
+  return {split: make_split(split, size, data_config.image_size, data_config.get("seed", 0),
+                            tuple(data_config.get("class_shapes", (3, 2))),
+                            data_config.get("noise", 0.05), data_config.get("faint", 0.15))
+          for split, size in sizes.items()}
+
+
+def pretraining_from_config(data_config, size: int) -> Split:
+  """The pretraining set of `size` examples for `config.data` (see configs/synthetic.py)."""
+  return make_pretraining_set(size, data_config.image_size, data_config.get("seed", 0),
+                              data_config.get("noise", 0.05), data_config.get("faint", 0.15))

@@ -123,8 +123,15 @@ def student_outputs(networks: Networks, method: Method, params: Tree, batch_stat
 
 
 def method_loss(method: Method, student: dict, teacher: dict | None, batch: Batch,
-                config: Any) -> tuple[jnp.ndarray, dict]:
-  """Scalar loss of `method` on one batch, and its parts."""
+                config: Any, frozen: Tree = None) -> tuple[jnp.ndarray, dict]:
+  """Scalar loss of `method` on one batch, and its parts.
+
+  Feature methods: DeTT's weighted MSE between the projected student map and the
+  teacher's (`dett`, exactly the paper's); `method.standardize` divides both per channel
+  by the teacher feature's training-set standard deviation (`frozen["feature_scale"]`
+  holds its inverse); `method.head_term` adds `config.head_weight` x the weighted MSE
+  between the transplanted head's logits on the projected student and the teacher's
+  logits (`head_loss`)."""
   weights = batch["weight"] * batch["mask"]
   parts = {}
   if method.objective == "ce":
@@ -136,14 +143,44 @@ def method_loss(method: Method, student: dict, teacher: dict | None, batch: Batc
     loss = (1.0 - config.kd_ce_weight) * kd + config.kd_ce_weight * ce
     parts = {"kd_loss": kd, "ce_loss": ce}
   else:
+    scale = (frozen or {}).get("feature_scale") if method.standardize else None
+    if method.standardize and scale is None:
+      raise KeyError(f"method {method.name} needs frozen['feature_scale'] (1 / the teacher "
+                     "feature's per-channel standard deviation, see "
+                     "experiment.teacher_feature_scale)")
     loss = matched_feature_loss(student["projected"], teacher["feature_map"], weights,
-                                config.match)
+                                config.match, scale)
     parts = {"feature_loss": loss}
+    if method.head_term:  # matching that sees the head: the error through h_T
+      head = objectives.head_space_loss(student["logits"], teacher["logits"], weights)
+      parts["head_loss"] = head
+      loss = loss + config.head_weight * head
     if method.trains_head:
       ce = objectives.weighted_mean(objectives.cross_entropy(student["logits"], batch["label"]), weights)
       parts["ce_loss"] = ce
       loss = loss + ce
   return loss, parts
+
+
+def gdro_loss(student: dict, batch: Batch, gdro_stats: Tree, config: Any
+              ) -> tuple[jnp.ndarray, dict, Tree]:
+  """Group-DRO cross-entropy on the batch's training group labels (`batch["group"]`):
+  (loss, parts, new `{"q": [G]}`), see `objectives.group_dro_loss`.
+
+  The group weights `q` live in the state's `batch_stats["gdro"]` (not trained by the
+  optimizer, checkpointed and restored with the state; a skipped step keeps them).
+  `config.gdro_eta` is the step size (default 0.01) and `config.gdro_adjustment` the
+  per-group adjustment C / sqrt(n_g) (a length-G sequence; absent: 0).
+  """
+  weights = batch["weight"] * batch["mask"]
+  ce = objectives.cross_entropy(student["logits"], batch["label"])
+  adjustment = getattr(config, "gdro_adjustment", None)
+  adjustment = None if adjustment is None else jnp.asarray(adjustment, jnp.float32)
+  loss, q, _, _ = objectives.group_dro_loss(ce, batch["group"], weights, gdro_stats["q"],
+                                            eta=getattr(config, "gdro_eta", 0.01),
+                                            adjustment=adjustment)
+  parts = {"ce_loss": objectives.weighted_mean(ce, weights), "gdro_max_q": jnp.max(q)}
+  return loss, parts, {"q": q}
 
 
 def train_gradients(networks: Networks, method: Method, config: Any, state: TrainState,
@@ -158,7 +195,11 @@ def train_gradients(networks: Networks, method: Method, config: Any, state: Trai
   def loss_fn(params):
     student, new_stats = student_outputs(networks, method, params, state.batch_stats, frozen,
                                          batch["image"], train=True)
-    loss, parts = method_loss(method, student, teacher, batch, config)
+    if method.objective == "gdro":  # the group weights are state, updated with the loss
+      loss, parts, new_stats["gdro"] = gdro_loss(student, batch, state.batch_stats["gdro"],
+                                                 config)
+    else:
+      loss, parts = method_loss(method, student, teacher, batch, config, frozen)
     return loss, (new_stats, parts, student["logits"])
 
   (loss, (new_stats, parts, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -212,7 +253,9 @@ def make_train_step(networks: Networks, method: Method, tx: optax.GradientTransf
   `kd_ce_weight`, `match`; a `config.distill`). The batch holds `image [b, h, w, 3]`,
   `label`, `weight`, `mask` `[b]`; `frozen` holds `teacher` (variables), `teacher_head`
   and, when transplanting, `head`. For DeTT in your own loop, `make_dett_step` takes any
-  model as a function instead of `networks`.
+  model as a function instead of `networks`. `gdro` also needs `group [b]` in the batch,
+  its group weights `batch_stats["gdro"]["q"]` `[G]` in the state and `gdro_eta` /
+  `gdro_adjustment` in `config` (see `gdro_loss`).
 
   `metrics` holds `loss`, `train_acc`, `grad_norm`, the loss parts, and the flags
   `nonfinite_loss` / `nonfinite_grad` (1.0 when this batch's loss / the gradient's global
@@ -283,14 +326,47 @@ def make_stacked_train_step(networks: Networks, method: Method,
   return step
 
 
+def feature_diagnostics(student: dict, teacher: dict, frozen: Tree, groups: jnp.ndarray,
+                        mask: jnp.ndarray, num_groups: int) -> dict[str, jnp.ndarray]:
+  """Per-group sums behind `feature_error`, `logit_error` and the per-channel head
+  sensitivity of a feature-matching student (DESIGN.md section 2).
+
+  `feat_sq_err`, `teacher_sq` `[G]` and `teacher_sum` `[G, D]`: the feature maps' squared
+  error, squared norm and sum. `logit_sq_err` `[G]`: ||h_T(pool(p(f_S))) - h_T(f_T)||^2
+  with the transplanted head `frozen["teacher_head"]` (also for a student with a head of
+  its own: the error as the teacher's head sees it); `teacher_logit_sq` `[G]` and
+  `teacher_logit_sum` `[G, K]`. `channel_t_sum`, `channel_t_sq`, `channel_err_sq`
+  `[G, C]`: per channel of the pooled features, the teacher's sum and squared sum and the
+  student's squared error.
+  """
+  s_map, t_map = align_spatial(student["projected"], teacher["feature_map"])
+  flat_t = t_map.reshape(t_map.shape[0], -1)
+  sums = lambda v: group_sums(v, groups, mask, num_groups)
+  onehot = jax.nn.one_hot(groups, num_groups) * mask[:, None]
+  s_pool, t_pool = jnp.mean(s_map, axis=(1, 2)), jnp.mean(t_map, axis=(1, 2))
+  t_logits = teacher["logits"]
+  through_head = dense_apply(frozen["teacher_head"], s_pool)
+  return {
+      "feat_sq_err": sums(jnp.sum(jnp.square(s_map - t_map).reshape(flat_t.shape), -1)),
+      "teacher_sq": sums(jnp.sum(jnp.square(flat_t), -1)),
+      "teacher_sum": onehot.T @ flat_t,
+      "logit_sq_err": sums(jnp.sum(jnp.square(through_head - t_logits), -1)),
+      "teacher_logit_sq": sums(jnp.sum(jnp.square(t_logits), -1)),
+      "teacher_logit_sum": onehot.T @ t_logits,
+      "channel_t_sum": onehot.T @ t_pool,
+      "channel_t_sq": onehot.T @ jnp.square(t_pool),
+      "channel_err_sq": onehot.T @ jnp.square(s_pool - t_pool),
+  }
+
+
 def make_eval_step(networks: Networks, method: Method | None, num_groups: int,
                    diagnostics: bool = True) -> Callable:
   """Returns `eval_step(variables, batch, frozen) -> per-group sums`.
 
   With `method=None` the model evaluated is the teacher in `frozen` (variables
   unused). For students with `diagnostics`, agreement with the teacher's
-  predictions and, for feature methods, the sums needed for the relative feature
-  error are included: `feat_sq_err [G]`, `teacher_sq [G]`, `teacher_sum [G, D]`.
+  predictions and, for feature methods, the sums of `feature_diagnostics` (relative
+  feature and logit errors, per-channel head sensitivity) are included.
   Without `diagnostics` (model selection) the teacher is not run for students. Teacher
   outputs carried by the batch (`teacher_feature_map`, `teacher_logits`) are used instead
   of running the teacher, as in the train step.
@@ -313,12 +389,7 @@ def make_eval_step(networks: Networks, method: Method | None, num_groups: int,
     if method is not None and teacher is not None:
       out["agree"] = sums((pred == jnp.argmax(teacher["logits"], -1)).astype(jnp.float32))
       if method.objective == "feature":
-        s_map, t_map = align_spatial(student["projected"], teacher["feature_map"])
-        flat_t = t_map.reshape(t_map.shape[0], -1)
-        out["feat_sq_err"] = sums(jnp.sum(jnp.square(s_map - t_map).reshape(flat_t.shape), -1))
-        out["teacher_sq"] = sums(jnp.sum(jnp.square(flat_t), -1))
-        onehot = jax.nn.one_hot(groups, num_groups) * mask[:, None]
-        out["teacher_sum"] = onehot.T @ flat_t
+        out.update(feature_diagnostics(student, teacher, frozen, groups, mask, num_groups))
     return out
 
   return eval_step
