@@ -1,6 +1,6 @@
 """DeTT fidelity study: does the student carry its debiased teacher's decision?
 
-  python benchmarks/fidelity.py [--benchmarks synthetic,marks] [--teachers dfr,gdro]
+  python benchmarks/fidelity.py [--benchmarks synthetic,synthetic_marks] [--teachers dfr,gdro]
       [--seeds 3] [--variants dett,dett_head,dett_std] [--baselines kd,kd_up,jtt,gdro]
       [--workdir runs/fidelity] [-- extra train.py flags]
 
@@ -106,7 +106,7 @@ def gaps(all_runs: dict[tuple[str, str], list[dict]], variant: str) -> list[dict
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--benchmarks", default="synthetic,marks")
+  parser.add_argument("--benchmarks", default="synthetic,synthetic_marks")
   parser.add_argument("--teachers", default="dfr,gdro")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--variants", default="dett,dett_head,dett_std")

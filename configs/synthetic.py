@@ -74,7 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.identification = optim(epochs=2, learning_rate=0.03)
 
   config.distill = ml_collections.ConfigDict(dict(
-      methods="dett,kd,kd_up,simkd,dett_no_transplant,erm,jtt",
+      # dett_head: DeTT whose matching sees the transplanted head, the recommended
+      # variant (README, "DeTT fidelity"); dett: the paper's method, beside it.
+      methods="dett,dett_head,kd,kd_up,simkd,dett_no_transplant,erm,jtt",
       teacher="dfr",  # which teacher is distilled: "dfr", "gdro" (debiased) or "erm"
       lambda_up=20.0, reweight="upsample",  # or "loss_weight"
       projector="simkd", projector_factor=2, match="map",  # or "pooled"
