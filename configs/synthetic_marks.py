@@ -32,6 +32,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import synthetic  # noqa: E402
+import tiny  # noqa: E402
 
 
 def get_config(setting: str = ""):
@@ -48,18 +49,7 @@ def get_config(setting: str = ""):
   config.identification.epochs = 2
   config.distill.optim.epochs = 6
   if setting == "tiny":
-    config.batch_size = 16
-    config.eval_batch_size = 32
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 0  # epoch ends only
-    config.data.update(image_size=16, train_size=96, val_size=48, test_size=48)
-    config.pretrain.size = 32
-    for optim in (config.pretrain.teacher, config.pretrain.student, config.teacher.optim,
-                  config.identification, config.distill.optim):
-      optim.epochs = 1
-    config.teacher.update(depth=10, width=0.0625, dfr_num_refits=2, dfr_c_grid=(1.0, 0.1))
-    config.student.update(depth=10, width=0.0625)
-    config.distill.lambda_up = 3.0
+    config = tiny.shrink(config)
   elif setting:
     raise ValueError(f"configs/synthetic_marks.py:{setting}; the only setting is 'tiny'")
   return config

@@ -77,6 +77,14 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 400
   return [subprocess.CompletedProcess(p.args, p.returncode, "", _output(p)) for p in procs]
 
 
+def _finish_ok(procs: list[subprocess.Popen], label: str, start: float) -> None:
+  """Waits for the processes of one run; each must exit 0. Prints the run's time."""
+  runs = _finish(procs)
+  print(f"{label}: {time.time() - start:.1f}s")
+  for i, r in enumerate(runs):
+    assert r.returncode == 0, f"{label}, process {i}: {r.stderr[-3000:]}"
+
+
 def _losses(workdir) -> dict[tuple[str, int], float]:
   out = {}
   for line in open(os.path.join(workdir, "metrics.jsonl")):
@@ -129,9 +137,7 @@ def test_default_pipeline_with_two_processes_of_one_and_two_devices(tmp_path):
   head placed from the host onto a mesh of one device per process could not be saved."""
   one, two_by_one, two_by_two = tmp_path / "1x2", tmp_path / "2x1", tmp_path / "2x2"
   start = time.time()
-  reference = _finish(_start(one, *PIPELINE, devices=2))[0]
-  assert reference.returncode == 0, reference.stderr[-3000:]
-  print(f"1 x 2 devices: {time.time() - start:.1f}s")
+  _finish_ok(_start(one, *PIPELINE, devices=2), "1 x 2 devices", start)
   expected = _metrics(one)
   stages = {"teacher_erm", "teacher_dfr", "student_dett", "student_kd", "student_kd_up",
             "student_simkd", "student_dett_no_transplant", "student_erm", "student_jtt"}
@@ -166,19 +172,14 @@ def test_default_pipeline_with_two_processes_of_one_and_two_devices(tmp_path):
 
   # Both re-run: the finished stages are kept, student_kd restarts, the rest runs.
   start = time.time()
-  resumed = _finish(_start(two_by_one, *PIPELINE, processes=2, devices=1))
-  print(f"2 x 1 devices, resumed: {time.time() - start:.1f}s")
-  for i, r in enumerate(resumed):
-    assert r.returncode == 0, f"process {i}: {r.stderr[-3000:]}"
+  _finish_ok(_start(two_by_one, *PIPELINE, processes=2, devices=1), "2 x 1 devices, resumed",
+             start)
   # The same global mesh as the reference: equal up to gloo's summation order.
   _assert_same_metrics(_metrics(two_by_one), expected, rtol=1e-5, atol=1e-6)
 
   # 2 x 2, uninterrupted: 4 devices, so sums differ from the reference's in rounding.
   start = time.time()
-  runs = _finish(_start(two_by_two, *PIPELINE, processes=2, devices=2))
-  print(f"2 x 2 devices: {time.time() - start:.1f}s")
-  for i, r in enumerate(runs):
-    assert r.returncode == 0, f"process {i}: {r.stderr[-3000:]}"
+  _finish_ok(_start(two_by_two, *PIPELINE, processes=2, devices=2), "2 x 2 devices", start)
   _assert_same_metrics(_metrics(two_by_two), expected, rtol=1e-4, atol=1e-4)
   ref, multi = _losses(one), _losses(two_by_two)  # also: only process 0 wrote metrics.jsonl
   assert set(multi) == set(ref)
