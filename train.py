@@ -40,8 +40,13 @@ EXIT_PEER_LOST = 7  # another process of a multi-process run died; re-run every 
 
 def main(argv):
   del argv
+  from dett_jax.config_schema import ConfigError, complete
+  try:  # every field the run reads (dett_jax/config_schema.py); an undeclared one refused
+    config = complete(FLAGS.config)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
   from dett_jax.sharding import configure_cpu_devices
-  configure_cpu_devices(FLAGS.config.mesh.cpu_devices)  # before jax starts its backends
+  configure_cpu_devices(config.mesh.cpu_devices)  # before jax starts its backends
   from dett_jax import distributed
   try:  # before any JAX computation
     several = distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
@@ -53,7 +58,7 @@ def main(argv):
     watch = distributed.PeerWatch(FLAGS.peer_timeout,
                                   distributed.exit_on_peer_loss(EXIT_PEER_LOST)).start()
   try:
-    run()
+    run(config)
   except (SystemExit, app.UsageError, KeyboardInterrupt):
     raise
   except BaseException:
@@ -67,20 +72,22 @@ def main(argv):
       watch.finish()
 
 
-def run() -> None:
-  """The pipeline or sweep of FLAGS.config; known failures become one line and an exit code."""
+def run(config) -> None:
+  """The pipeline or sweep of `config` (FLAGS.config, completed by the schema); known
+  failures become one line and an exit code."""
+  from dett_jax.checkpoints import CheckpointMismatch
   from dett_jax.data import DataError
   from dett_jax.experiment import train_and_evaluate
-  from dett_jax.training.loop import CheckpointMismatch, Diverged, Interrupted
+  from dett_jax.training.loop import Diverged, Interrupted
   from dett_jax.validation import WorkdirError
   from dett_jax.validation import ConfigError
   logging.set_verbosity(logging.INFO)
   try:
-    if "sweep" in FLAGS.config:  # an ablation config (configs/ablation.py)
+    if "sweep" in config:  # an ablation config (configs/ablation.py)
       from dett_jax.sweep import run_sweep
-      run_sweep(FLAGS.config, FLAGS.workdir)
+      run_sweep(config, FLAGS.workdir)
     else:
-      train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train_and_evaluate(config, FLAGS.workdir)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   except DataError as e:

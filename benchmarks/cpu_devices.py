@@ -25,12 +25,14 @@ def measure(steps: int, config_path: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import importlib.util
-  from dett_jax.methods import METHODS
+  import ml_collections
+  from dett_jax import methods
   from dett_jax.models.projector import Projector
   from dett_jax.models.resnet import create_resnet, feature_channels
   from dett_jax.sharding import make_mesh, replicate, shard_batch
-  from dett_jax.training.steps import Networks, create_state, jit_train_step, make_train_step
-  from dett_jax.experiment import make_optimizer
+  from dett_jax.optimizers import make_optimizer
+  from dett_jax.training.state import TrainState
+  from dett_jax.training.steps import jit_train_step, make_train_step
 
   spec = importlib.util.spec_from_file_location("cfg", config_path)
   module = importlib.util.module_from_spec(spec)
@@ -48,14 +50,15 @@ def measure(steps: int, config_path: str) -> dict:
   p_vars = projector.init(jax.random.key(2), fmap)
   mesh = make_mesh(-1)
   tx = make_optimizer(config.distill.optim, 100)
-  state = replicate(create_state({"student": s_vars["params"], "projector": p_vars["params"]},
-                                 {"student": s_vars["batch_stats"],
-                                  "projector": p_vars["batch_stats"]}, tx), mesh)
+  state = replicate(TrainState.create(
+      {"student": s_vars["params"], "projector": p_vars["params"]},
+      {"student": {"batch_stats": s_vars["batch_stats"]},
+       "projector": {"batch_stats": p_vars["batch_stats"]}}, tx), mesh)
   head = t_vars["params"]["head"]
   frozen = replicate({"teacher": t_vars, "teacher_head": head, "head": head}, mesh)
-  networks = Networks(student=student, projector=projector, teacher=teacher)
-  step = jit_train_step(make_train_step(networks, METHODS["dett"], tx, config.distill), mesh,
-                        state, frozen)
+  dett = methods.get("dett")(methods.Models(student=student, projector=projector, teacher=teacher),
+                             ml_collections.ConfigDict({"distill": config.distill.to_dict()}))
+  step = jit_train_step(make_train_step(dett, tx), mesh, state, frozen)
   rng = np.random.default_rng(0)
   batch = shard_batch({
       "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),

@@ -9,7 +9,10 @@
 2. Runs `examples/custom_loop_linen.py --run <workdir>` and `examples/nnx.py --run
    <workdir>`: each takes the run's config, seed, teacher (ERM backbone + DFR head),
    pretrained student backbone and error set, and trains the DeTT student in its own loop
-   with the public `dett_jax` API only.
+   with the public `dett_jax` API only: `jax.value_and_grad(dett_jax.dett_loss)` in a
+   `flax.training.train_state.TrainState` loop (Linen) and in an `nnx.Optimizer` loop
+   (NNX student with a `dett_jax.NNXProjector`), on train.py's batches
+   (`dett_jax.epoch_batches` with the run's data seed) from its initial projector.
 3. Prints a table of test worst-group accuracies and whether each example is within
    `--tolerance` points of train.py's `student_dett`; writes it, with the raw numbers, to
    `<workdir>/examples_match.md` and `.json`; the last line printed is JSON. `--strict`

@@ -21,7 +21,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dett_jax.report import format_table, write_json_atomic  # noqa: E402
+from dett_jax.io import write_json_atomic  # noqa: E402
+from dett_jax.report import format_table  # noqa: E402
 
 METRICS = ("test/worst_group_acc", "test/avg_acc", "test/adj_avg_acc", "val/worst_group_acc")
 

@@ -164,7 +164,7 @@ class Bench:
     import numpy as np
     from dett_jax.models.projector import Projector
     from dett_jax.models.resnet import create_resnet, feature_channels
-    from dett_jax.models.conv import use_patches
+    from dett_jax.models.backend import Backend
     from dett_jax.optimizers import make_optimizer
     from dett_jax.sharding import make_mesh
 
@@ -181,8 +181,7 @@ class Bench:
     s_depth, s_width, s_stem = parse_net(args.student)
     k = args.num_classes
     self.t_channels = feature_channels(t_depth, t_width)
-    patches = use_patches(args.small_map_conv)
-    net = dict(dtype=self.dtype, small_map_conv=patches)
+    net = dict(dtype=self.dtype, backend=Backend.from_settings(args.small_map_conv))
     self.teacher = create_resnet(t_depth, k, t_width, t_stem, **net)
     self.student = create_resnet(s_depth, None, s_width, s_stem, **net)
     self.kd_student = create_resnet(s_depth, k, s_width, s_stem, **net)
@@ -231,41 +230,42 @@ class Bench:
             "projector": self.count(self.p_vars["params"])}
 
   def setup(self, row: str):
-    """(networks, method, state, frozen, batch) of a row, placed on the mesh."""
-    from dett_jax.methods import METHODS
+    """(method, state, frozen, batch) of a row, placed on the mesh."""
+    import ml_collections
+    from dett_jax import methods
+    from dett_jax.methods import Models, teacher_outputs
     from dett_jax.sharding import replicate, shard_batch
-    from dett_jax.training.steps import Networks, create_state, teacher_outputs
+    from dett_jax.training.state import TrainState
     jax, jnp = self.jax, self.jnp
     batch = dict(self.host_batch)
+    settings = ml_collections.ConfigDict({"distill": self.distill.to_dict()})
+    stats = lambda v: {k: x for k, x in v.items() if k != "params"}
     if row == "kd":
-      networks = Networks(student=self.kd_student, teacher=self.teacher)
-      params, stats = {"student": self.kd_vars["params"]}, {"student": self.kd_vars["batch_stats"]}
+      method = methods.get("kd")(Models(student=self.kd_student, teacher=self.teacher), settings)
+      params, collections = {"student": self.kd_vars["params"]}, {"student": stats(self.kd_vars)}
       frozen = {"teacher": self.t_vars, "teacher_head": self.head}
-      method = METHODS["kd"]
     else:
-      networks = Networks(student=self.student, projector=self.projector, teacher=self.teacher)
+      method = methods.get("dett")(Models(student=self.student, projector=self.projector,
+                                          teacher=self.teacher), settings)
       params = {"student": self.s_vars["params"], "projector": self.p_vars["params"]}
-      stats = {"student": self.s_vars["batch_stats"],
-               "projector": self.p_vars.get("batch_stats", {})}
+      collections = {"student": stats(self.s_vars), "projector": stats(self.p_vars)}
       frozen = {"teacher": self.t_vars, "teacher_head": self.head, "head": self.head}
-      method = METHODS["dett"]
       if row == "dett_cached":  # the cache: teacher outputs computed once, in the row's dtype
         full = replicate(frozen, self.mesh)
         images = shard_batch({"image": batch["image"]}, self.mesh)["image"]
-        out = jax.jit(lambda f, im: teacher_outputs(networks, f, im))(full, images)
-        batch["teacher_feature_map"] = self.np.asarray(out["feature_map"].astype(self.dtype))
-        batch["teacher_logits"] = self.np.asarray(out["logits"].astype(self.dtype))
+        out = jax.jit(lambda f, im: teacher_outputs(method.models, f, {"image": im}))(full, images)
+        for key in ("teacher_feature_map", "teacher_logits"):
+          batch[key] = self.np.asarray(out[key].astype(self.dtype))
         frozen = {"teacher_head": self.head, "head": self.head}  # the teacher is not needed
-    params, stats = jax.tree.map(jnp.copy, (params, stats))  # the step donates its state
-    state = replicate(create_state(params, stats, self.tx), self.mesh)
-    return networks, method, state, replicate(frozen, self.mesh), shard_batch(batch, self.mesh)
+    params, collections = jax.tree.map(jnp.copy, (params, collections))  # the step donates its state
+    state = replicate(TrainState.create(params, collections, self.tx), self.mesh)
+    return method, state, replicate(frozen, self.mesh), shard_batch(batch, self.mesh)
 
   def compile_row(self, row: str) -> tuple:
     """(compiled step, a call running one step, compile seconds) of a row."""
     from dett_jax.training.steps import jit_train_step, make_train_step
-    networks, method, state, frozen, batch = self.setup(row)
-    step = jit_train_step(make_train_step(networks, method, self.tx, self.distill), self.mesh,
-                          state, frozen)
+    method, state, frozen, batch = self.setup(row)
+    step = jit_train_step(make_train_step(method, self.tx), self.mesh, state, frozen)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
@@ -325,23 +325,20 @@ class Bench:
 
   def breakdown(self) -> list[dict]:
     """Times the pieces of the DeTT step, each jitted on its own (same shardings)."""
-    from dett_jax.methods import METHODS
-    from dett_jax.training.steps import method_loss, student_outputs, teacher_outputs
+    from dett_jax.methods import teacher_outputs
     import optax
     jax, args = self.jax, self.args
-    networks, method, state, frozen, batch = self.setup("dett")
-    cfg = self.distill
-    teacher_fn = jax.jit(lambda f, b: teacher_outputs(networks, f, b["image"]))
+    method, state, frozen, batch = self.setup("dett")
+    teacher_fn = jax.jit(lambda f, b: teacher_outputs(method.models, f, b))
     teacher = teacher_fn(frozen, batch)
 
-    def loss_fn(params, stats, f, b, t):
-      out, new_stats = student_outputs(networks, METHODS["dett"], params, stats, f, b["image"],
-                                       train=True)
-      return method_loss(METHODS["dett"], out, t, b, cfg)[0], new_stats
+    def loss_fn(params, collections, f, b, t):
+      loss, aux = method.loss(params, collections, {**b, **t}, f)
+      return loss, aux["collections"]
 
     forward = jax.jit(loss_fn)
     grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    (_, _), grads = grad(state.params, state.batch_stats, frozen, batch, teacher)
+    (_, _), grads = grad(state.params, state.collections, frozen, batch, teacher)
 
     def update(g, opt_state, params):
       updates, opt_state = self.tx.update(g, opt_state, params)
@@ -351,9 +348,9 @@ class Bench:
     pieces = [
         ("teacher forward (inference)", teacher_fn, (frozen, batch)),
         ("student + projector forward, loss", forward,
-         (state.params, state.batch_stats, frozen, batch, teacher)),
+         (state.params, state.collections, frozen, batch, teacher)),
         ("student + projector forward + backward", grad,
-         (state.params, state.batch_stats, frozen, batch, teacher)),
+         (state.params, state.collections, frozen, batch, teacher)),
         ("AdamW update", update_fn, (grads, state.opt_state, state.params)),
     ]
     rows = []

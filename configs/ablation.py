@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic  # noqa: E402
 import tiny  # noqa: E402
 
+from dett_jax import config_schema  # noqa: E402
+
 DEFAULT_AXES = dict(projector=("identity", "linear", "simkd", "simkd_dw"), seed=(0, 1, 2))
 FULL_AXES = dict(projector=("identity", "linear", "simkd", "simkd_dw"), lambda_up=(1, 5, 20, 50),
                  T_id=(1, 2, 4), match=("map", "pooled"), transplant=(True, False),
@@ -36,18 +38,8 @@ def get_config(setting: str = "default"):
   axes = FULL_AXES if setting == "full" else DEFAULT_AXES
   if setting == "tiny":
     axes = dict(projector=("linear", "simkd"), lambda_up=(1, 5), seed=(0, 1))
-  config.sweep = ml_collections.ConfigDict(dict(
-      axes=ml_collections.ConfigDict({k: tuple(v) for k, v in axes.items()}),
-      subset="",  # e.g. "projector=linear,simkd;seed=0,1"
-      method="dett",  # transplant=False variants use dett_no_transplant
-      stack=True,  # False: every variant its own program (for comparison)
-      # how a stacked group trains: "vmap" (one vmapped program for all variants), "loop"
-      # (the teacher once per batch, then one compiled plain step per variant and device
-      # column), or "auto": loop on CPU, where vmapped convolutions are slow; vmap elsewhere
-      execution="auto",
-      # convolutions of vmapped groups: "auto" (as patches x kernel on CPU, where vmapped
-      # convolutions are slow), "patches" or "xla"
-      conv="auto",
-      mesh_axis="",  # "model": shard the stacked variants over the mesh's model axis
-  ))
+  # subset, method, stack, execution, conv, mesh_axis: the schema's defaults (every field
+  # and what it means: dett_jax/config_schema.py `sweep_defaults`)
+  config.sweep = config_schema.sweep_defaults()
+  config.sweep.axes = ml_collections.ConfigDict({k: tuple(v) for k, v in axes.items()})
   return config

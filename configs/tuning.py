@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic  # noqa: E402
 import tiny  # noqa: E402
 
+from dett_jax import config_schema  # noqa: E402
+
 METHODS = ("dett", "dett_head", "dett_std", "kd", "kd_up", "jtt", "erm")
 GRID = dict(learning_rate=(1e-3, 3e-3), epochs=(3, 6))
 
@@ -43,7 +45,6 @@ def get_config(setting: str = "default"):
   config.distill.methods = ""  # the sweep trains its own students
   config.distill.reweight = "loss_weight"
   config.distill.select = "last"
-  config.sweep = ml_collections.ConfigDict(dict(
-      axes=ml_collections.ConfigDict({k: tuple(v) for k, v in axes.items()}),
-      subset="", method="dett", stack=True, execution="auto", conv="auto", mesh_axis=""))
+  config.sweep = config_schema.sweep_defaults()  # fields: dett_jax/config_schema.py
+  config.sweep.axes = ml_collections.ConfigDict({k: tuple(v) for k, v in axes.items()})
   return config

@@ -45,17 +45,19 @@ import ml_collections  # noqa: E402
 
 import synthetic  # noqa: E402
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 255 * (0.485, 0.456, 0.406)
-IMAGENET_STD = (58.395, 57.12, 57.375)  # 255 * (0.229, 0.224, 0.225)
+from dett_jax import config_schema  # noqa: E402
+
+IMAGENET_MEAN, IMAGENET_STD = config_schema.IMAGENET_MEAN, config_schema.IMAGENET_STD
 
 
 def image_data(name: str, **fields) -> ml_collections.ConfigDict:
-  """Data config for a real data set at 224 pixels with the reference preprocessing."""
-  return ml_collections.ConfigDict(dict(
-      name=name, root="", check_images=True, image_size=224,
-      train_transform="random_resized_crop", crop_scale=(0.7, 1.0), crop_ratio=(0.75, 4 / 3),
-      pad=4, eval_resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-      workers=8, **fields))
+  """Data config for a real data set at 224 pixels with the reference preprocessing:
+  RandomResizedCrop(224, scale=(0.7, 1.0), ratio=(0.75, 4/3)) + flip, eval resize 256 +
+  centre crop, ImageNet mean/std, 8 loader workers (the schema's defaults of data sets on
+  disk, dett_jax/config_schema.py `data_defaults`), with `fields` changed."""
+  data = config_schema.data_defaults(name)
+  data.update(fields)
+  return data
 
 
 def paper_setting(config: ml_collections.ConfigDict) -> None:

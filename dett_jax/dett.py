@@ -1,86 +1,48 @@
-"""DeTT as one pure train step for any Flax model that returns its feature map.
+"""DeTT as a public loss for any training loop, and thin conveniences over it.
 
-The student is taken as a pure function, so the same step serves a Linen model (via
+The student is taken as a pure function, so the same loss serves a Linen model (via
 `apply`), an NNX model (via `nnx.split` / `nnx.merge`) or anything else:
 
-  student_fn(params, model_state, images, train) -> (feature_map [b, h, w, c], new_model_state)
+  student_fn(params, collections, inputs, train, rng) -> (feature_map, new_collections)
 
-One step (DESIGN.md section 2, steps 4-6): student feature map -> projector p ->
-weighted MSE to the teacher's feature map (per-example weights from the batch; the
-teacher under stop_gradient) -> gradient update of the student and projector. The
-transplanted head h_T is never trained: it only turns the pooled projected features into
-logits, for accuracy. The bundled trainer (`dett_jax.training.steps`) uses the same
-projector and loss functions below.
+`dett_loss` (docs/design.md, "The method"): student feature map -> projector p ->
+example-weighted MSE to the teacher's feature map (the teacher under stop_gradient). It
+returns `(loss, aux)` for `jax.value_and_grad(..., has_aux=True)`, so it drops into a
+`flax.training.train_state.TrainState.apply_gradients` loop, an `nnx.Optimizer` loop or
+`make_dett_step` (the guarded update of `dett_jax.training.update`). The transplanted
+head h_T is never trained: it turns the pooled projected features into logits.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Protocol
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from dett_jax.models.projector import align_spatial
-from dett_jax.objectives import feature_loss
-from dett_jax.transplant import dense_apply
+from dett_jax.methods.base import accuracy, example_weights
+from dett_jax.methods.feature import apply_projector, matched_feature_loss, transplanted_logits
+from dett_jax.training.state import TrainState
+from dett_jax.training.update import make_update
 
 Tree = Any
 Batch = Mapping[str, jax.Array]
-MATCHES = ("map", "pooled")
+
+# Deprecated alias (one minor version): the one train state is `TrainState`.
+DeTTState = TrainState
 
 
 class StudentFn(Protocol):
-  """`(params, model_state, images [b, h, w, 3], train) -> (feature_map [b, h', w', c], model_state)`."""
+  """`(params, collections, inputs, train, rng) -> (feature_map, new_collections)`."""
 
-  def __call__(self, params: Tree, model_state: Tree, images: jax.Array,
-               train: bool) -> tuple[jax.Array, Tree]: ...
+  def __call__(self, params: Tree, collections: Tree, inputs: jax.Array, train: bool,
+               rng: jax.Array | None) -> tuple[jax.Array, Tree]: ...
 
 
 TeacherFn = Callable[[Tree, jax.Array], jax.Array]
-"""`(teacher_variables, images [b, h, w, 3]) -> feature_map [b, h', w', c]`, inference mode."""
-
-
-# ---------------------------------------------------------------------------
-# The pieces (shared with the bundled trainer).
-# ---------------------------------------------------------------------------
-
-def apply_projector(projector: nn.Module | None, params: Tree, state: Tree,
-                    feature_map: jax.Array, train: bool) -> tuple[jax.Array, Tree]:
-  """p(feature_map) `[b, h, w, c_t]` (float32) and the projector's new `batch_stats`.
-
-  `projector=None` is the identity (no parameters, no state).
-  """
-  if projector is None:
-    return feature_map.astype(jnp.float32), state
-  variables = {"params": params, "batch_stats": state}
-  if not train:
-    return projector.apply(variables, feature_map, train=False), state
-  projected, updates = projector.apply(variables, feature_map, train=True, mutable=["batch_stats"])
-  return projected, updates.get("batch_stats", state)
-
-
-def matched_feature_loss(projected: jax.Array, teacher_map: jax.Array, weights: jax.Array,
-                         match: str = "map", scale: jax.Array | None = None) -> jax.Array:
-  """`feature_loss` after `align_spatial`; `match="pooled"` compares the pooled features.
-
-  `scale` `[c]`: both maps are multiplied by it per channel first (e.g. 1 / the teacher
-  feature's standard deviation over the training set: `dett_std`); None: DeTT's plain MSE.
-  """
-  student_map, teacher_map = align_spatial(projected, teacher_map)
-  if match == "pooled":
-    student_map, teacher_map = jnp.mean(student_map, axis=(1, 2)), jnp.mean(teacher_map, axis=(1, 2))
-  if scale is not None:
-    scale = jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32))
-    student_map, teacher_map = student_map * scale, teacher_map * scale
-  return feature_loss(student_map, teacher_map, weights)
-
-
-def transplanted_logits(head: Mapping[str, jax.Array], projected: jax.Array) -> jax.Array:
-  """h_T(global_avg_pool(projected)): logits `[b, k]` from a projected map `[b, h, w, c_t]`."""
-  return dense_apply(head, jnp.mean(projected, axis=(1, 2)))
+"""`(teacher_variables, inputs) -> feature_map`, inference mode."""
 
 
 def _head(params: Tree, frozen: Mapping[str, Any]) -> Mapping[str, jax.Array]:
@@ -92,182 +54,139 @@ def _head(params: Tree, frozen: Mapping[str, Any]) -> Mapping[str, jax.Array]:
                  "and freeze it with dett_jax.freeze")
 
 
-def _forward(student_fn: StudentFn, projector: nn.Module | None, params: Tree,
-             model_state: Mapping[str, Tree], images: jax.Array,
-             train: bool) -> tuple[jax.Array, dict[str, Tree]]:
-  feature_map, student_state = student_fn(params["student"], model_state.get("student", {}),
-                                          images, train)
+def _teacher_map(teacher_fn: TeacherFn | None, frozen: Mapping[str, Any], batch: Batch) -> jax.Array:
+  if "teacher_feature_map" in batch:
+    teacher_map = batch["teacher_feature_map"]
+  elif teacher_fn is None:
+    raise ValueError("dett_loss(teacher_fn=None) needs batch['teacher_feature_map']")
+  else:
+    teacher_map = teacher_fn(frozen["teacher"], batch["image"])
+  return jax.lax.stop_gradient(jnp.asarray(teacher_map, jnp.float32))
+
+
+def _project(student_fn: StudentFn, projector: nn.Module | None, params: Tree,
+             collections: Mapping[str, Tree], inputs: jax.Array, train: bool,
+             rng: jax.Array | None) -> tuple[jax.Array, dict[str, Tree]]:
+  feature_map, student = student_fn(params["student"], collections.get("student", {}),
+                                    inputs, train, rng)
   projected, projector_state = apply_projector(projector, params.get("projector", {}),
-                                               model_state.get("projector", {}), feature_map, train)
-  return projected, {**model_state, "student": student_state, "projector": projector_state}
+                                               collections.get("projector", {}), feature_map,
+                                               train)
+  return projected, {**collections, "student": student, "projector": projector_state}
 
 
-# ---------------------------------------------------------------------------
-# The public step.
-# ---------------------------------------------------------------------------
+def dett_loss(params: Tree, collections: Tree, batch: Batch, frozen: Mapping[str, Any],
+              rng: jax.Array | None = None, *, student_fn: StudentFn,
+              projector: nn.Module | None = None, teacher_fn: TeacherFn | None = None,
+              match: str = "map") -> tuple[jax.Array, dict]:
+  """DeTT's loss on one batch: `(loss, aux)`, differentiable in `params`.
 
-@flax.struct.dataclass
-class DeTTState:
-  """What a DeTT step trains: parameters, non-trained model state, optimizer state.
+  Args:
+    params: `{"student": ..., "projector": ...}` (and `"head"` when the transplanted head
+      lives here; then freeze it, e.g. with `dett_jax.freeze`).
+    collections: `{"student": ..., "projector": ...}`: state not trained by gradients
+      (Flax collections such as `{"batch_stats": ...}`; `{}` for none).
+    batch: `image` (the inputs), optional `weight [b]` (error-set weights; default 1),
+      `mask [b]` (0 for padding), `label [b]` (for `train_acc`) and
+      `teacher_feature_map` (precomputed; else `teacher_fn` runs).
+    frozen: `head` (the transplanted Dense `{"kernel": [c_t, k], "bias": [k]}`; if absent,
+      `params["head"]`) and `teacher` (variables for `teacher_fn`).
+    rng: a key for the student's randomness (dropout), or None.
+    student_fn: see the module docstring.
+    projector: Linen module from the student's map to the teacher's (e.g.
+      `Projector("simkd", c_t)`), or None (the identity; e.g. an NNX projector inside
+      `student_fn`).
+    teacher_fn: `(frozen["teacher"], inputs) -> teacher feature map`, or None.
+    match: "map" (DeTT) or "pooled" (match after pooling).
 
-  Attributes:
-    params: `{"student": ..., "projector": ...}`, and `"head"` when the transplanted head
-      lives in this tree (then freeze it with `freeze`).
-    model_state: `{"student": ..., "projector": ...}`: state that is not trained by
-      gradients (BatchNorm statistics; `{}` for none).
-    opt_state: the optimizer state of `params`.
-    step: number of steps taken, int32 scalar.
+  Returns:
+    The weighted feature loss and `aux = {"collections": new collections, "metrics":
+    {"train_acc": ...}, "logits": [b, k]}` (the transplanted head's logits).
 
   Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> from dett_jax import DeTTState
-    >>> params = {"student": {"w": jnp.ones(3)}, "projector": {}}
-    >>> state = DeTTState.create(params, {"student": {}, "projector": {}}, optax.sgd(0.1))
-    >>> int(state.step), state.params["student"]["w"].shape
-    (0, (3,))
+    >>> import functools, flax.linen as nn, jax, jax.numpy as jnp
+    >>> from dett_jax import dett_loss
+    >>> student, teacher = nn.Conv(6, (3, 3)), nn.Conv(6, (3, 3))
+    >>> images = jnp.ones((2, 8, 8, 3))
+    >>> student_fn = lambda p, c, x, train, rng: (student.apply({"params": p}, x), c)
+    >>> frozen = {"teacher": teacher.init(jax.random.key(1), images),
+    ...           "head": {"kernel": jnp.ones((6, 2)), "bias": jnp.zeros(2)}}
+    >>> loss_fn = functools.partial(dett_loss, student_fn=student_fn,
+    ...                             teacher_fn=lambda v, x: teacher.apply(v, x))
+    >>> params = {"student": student.init(jax.random.key(0), images)["params"]}
+    >>> (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    ...     params, {}, {"image": images, "weight": jnp.array([1.0, 20.0])}, frozen)
+    >>> loss.shape, aux["logits"].shape, sorted(grads)
+    ((), (2, 2), ['student'])
   """
-
-  params: Tree
-  model_state: Tree
-  opt_state: optax.OptState
-  step: jax.Array
-
-  @classmethod
-  def create(cls, params: Tree, model_state: Tree, tx: optax.GradientTransformation) -> "DeTTState":
-    """The state at step 0, with `tx.init(params)`."""
-    return cls(params=params, model_state=model_state, opt_state=tx.init(params),
-               step=jnp.zeros((), jnp.int32))
+  teacher_map = _teacher_map(teacher_fn, frozen, batch)
+  # Rebuilt in this (differentiation) trace: NNX Variables may only be updated
+  # (BatchNorm statistics) in the trace that created them.
+  collections = jax.tree.map(lambda x: x, collections)
+  projected, collections = _project(student_fn, projector, params, collections, batch["image"],
+                                    True, rng)
+  loss = matched_feature_loss(projected, teacher_map, example_weights(batch), match)
+  logits = transplanted_logits(_head(params, frozen), projected)
+  return loss, {"collections": collections, "metrics": {"train_acc": accuracy(logits, batch)},
+                "logits": logits}
 
 
 def make_dett_step(student_fn: StudentFn, tx: optax.GradientTransformation, *,
                    projector: nn.Module | None = None, teacher_fn: TeacherFn | None = None,
-                   match: str = "map"
-                   ) -> Callable[[DeTTState, Batch, Mapping[str, Any]], tuple[DeTTState, dict]]:
-  """Returns a pure DeTT train step `step(state, batch, frozen) -> (state, metrics)`.
-
-  The step computes the student's feature map with `student_fn(state.params["student"],
-  state.model_state["student"], images, True)`, projects it with `projector` (a Linen
-  module such as `Projector`, with variables `params["projector"]` and
-  `model_state["projector"]`; None for the identity), and minimises the weighted
-  `feature_loss` to the teacher's feature map (after `align_spatial`). It is a pure
-  function: wrap it in `jax.jit` (with your own shardings and donation).
-
-  Args:
-    student_fn: `(params, model_state, images [b, h, w, 3], train) -> (feature_map
-      [b, h', w', c_s], new_model_state)`. For a Linen model: `model.apply(...,
-      mutable=["batch_stats"] if train else False)`; for NNX: `nnx.merge(graphdef,
-      params, model_state)`, call the module, return `nnx.state(module, nnx.BatchStat)`.
-    tx: the optimizer of `state.params`.
-    projector: Linen module mapping `[b, h', w', c_s]` to the teacher's `[b, h'', w'', c_t]`
-      (e.g. `Projector("simkd", c_t)`), or None (identity).
-    teacher_fn: `(frozen["teacher"], images) -> teacher feature map`, run in inference mode
-      under stop_gradient. None: each batch carries `teacher_feature_map` (precomputed).
-    match: "map" (DeTT) or "pooled" (match after global average pooling).
-
-  The batch holds `image [b, h, w, 3]` and optionally `weight [b]` (error-set weights;
-  default 1), `mask [b]` (0 for padding) and `label [b]` (for `train_acc`); `frozen` holds
-  `teacher` (the teacher's variables, for `teacher_fn`) and `head` (the transplanted
-  Dense subtree `{"kernel": [c_t, k], "bias": [k]}`; if absent, `params["head"]`).
-
-  Returns:
-    `step`; its metrics are `loss` (the weighted feature loss), `train_acc` (of the
-    transplanted head on the projected features; 0 without labels) and `grad_norm`.
+                   match: str = "map", rng: jax.Array | None = None
+                   ) -> Callable[[TrainState, Batch, Mapping[str, Any]], tuple[TrainState, dict]]:
+  """`step(state, batch, frozen) -> (state, metrics)`: `dett_loss` under the guarded
+  update (`make_update`; a non-finite loss or gradient skips the update). Pure: wrap it
+  in `jax.jit`. Metrics: `loss`, `train_acc`, `grad_norm`, `nonfinite_loss`,
+  `nonfinite_grad`.
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
-    >>> from dett_jax import DeTTState, Projector, make_dett_step
+    >>> from dett_jax import Projector, TrainState, make_dett_step
     >>> student, teacher = nn.Conv(4, (3, 3)), nn.Conv(6, (3, 3))
     >>> images = jnp.ones((2, 8, 8, 3))
-    >>> student_fn = lambda p, s, x, train: (student.apply({"params": p}, x), s)
-    >>> teacher_fn = lambda v, x: teacher.apply(v, x)
+    >>> student_fn = lambda p, c, x, train, rng: (student.apply({"params": p}, x), c)
     >>> projector = Projector("linear", teacher_channels=6)
     >>> params = {"student": student.init(jax.random.key(0), images)["params"],
     ...           "projector": projector.init(jax.random.key(1), jnp.ones((2, 8, 8, 4)))["params"]}
     >>> frozen = {"teacher": teacher.init(jax.random.key(2), images),
     ...           "head": {"kernel": jnp.ones((6, 2)), "bias": jnp.zeros(2)}}
     >>> tx = optax.adam(1e-2)
-    >>> step = jax.jit(make_dett_step(student_fn, tx, projector=projector, teacher_fn=teacher_fn))
-    >>> state = DeTTState.create(params, {"student": {}, "projector": {}}, tx)
+    >>> step = jax.jit(make_dett_step(student_fn, tx, projector=projector,
+    ...                               teacher_fn=lambda v, x: teacher.apply(v, x)))
+    >>> state = TrainState.create(params, {"student": {}, "projector": {}}, tx)
     >>> batch = {"image": images, "weight": jnp.array([1.0, 20.0]), "label": jnp.array([0, 1])}
     >>> state, metrics = step(state, batch, frozen)
-    >>> sorted(metrics), int(state.step)
-    (['grad_norm', 'loss', 'train_acc'], 1)
+    >>> int(state.step), sorted(metrics)[:3]
+    (1, ['grad_norm', 'loss', 'nonfinite_grad'])
   """
-  if match not in MATCHES:
-    raise ValueError(f"match={match!r}; choose one of {MATCHES}")
+  def loss_fn(params, collections, batch, frozen, step_rng):
+    return dett_loss(params, collections, batch, frozen, step_rng, student_fn=student_fn,
+                     projector=projector, teacher_fn=teacher_fn, match=match)
 
-  def step(state: DeTTState, batch: Batch, frozen: Mapping[str, Any]) -> tuple[DeTTState, dict]:
-    images = batch["image"]
-    weights = _weights(batch, images.shape[0])
-    teacher_map = _teacher_map(teacher_fn, frozen, batch)
-
-    def loss_fn(params):
-      # Rebuilt in this (differentiation) trace: NNX Variables in the state may only be
-      # updated (BatchNorm statistics) in the trace that created them.
-      model_state = jax.tree.map(lambda x: x, state.model_state)
-      projected, model_state = _forward(student_fn, projector, params, model_state,
-                                        images, train=True)
-      return matched_feature_loss(projected, teacher_map, weights, match), (projected, model_state)
-
-    (loss, (projected, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    logits = transplanted_logits(_head(state.params, frozen), projected)
-    metrics = {"loss": loss, "train_acc": _accuracy(logits, batch), "grad_norm": optax.tree.norm(grads)}
-    return state.replace(params=params, model_state=model_state, opt_state=opt_state,
-                         step=state.step + 1), metrics
-
-  return step
+  return make_update(loss_fn, tx, rng)
 
 
 def make_dett_predict(student_fn: StudentFn, projector: nn.Module | None = None
                       ) -> Callable[[Tree, Tree, jax.Array, Mapping[str, Any]], jax.Array]:
-  """Returns `predict(params, model_state, images, frozen) -> logits [b, k]` (pure).
-
-  The DeTT student's prediction, h_T(global_avg_pool(p(f_S(x)))), in inference mode
-  (`student_fn(..., train=False)`, BatchNorm running statistics). `params` and
-  `model_state` are laid out as in `DeTTState`; the head is `frozen["head"]` or, if
-  absent, `params["head"]`.
+  """`predict(params, collections, inputs, frozen) -> logits [b, k]` (pure): the DeTT
+  student's h_T(pool(p(f_S(x)))) in inference mode (`student_fn(..., train=False)`).
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from dett_jax import make_dett_predict
     >>> student = nn.Conv(6, (3, 3))
-    >>> student_fn = lambda p, s, x, train: (student.apply({"params": p}, x), s)
+    >>> student_fn = lambda p, c, x, train, rng: (student.apply({"params": p}, x), c)
     >>> images = jnp.ones((2, 8, 8, 3))
     >>> params = {"student": student.init(jax.random.key(0), images)["params"]}
     >>> head = {"kernel": jnp.ones((6, 3)), "bias": jnp.zeros(3)}
-    >>> predict = jax.jit(make_dett_predict(student_fn))
-    >>> predict(params, {}, images, {"head": head}).shape
+    >>> jax.jit(make_dett_predict(student_fn))(params, {}, images, {"head": head}).shape
     (2, 3)
   """
 
-  def predict(params: Tree, model_state: Tree, images: jax.Array,
+  def predict(params: Tree, collections: Tree, inputs: jax.Array,
               frozen: Mapping[str, Any]) -> jax.Array:
-    projected, _ = _forward(student_fn, projector, params, model_state or {}, images, train=False)
+    projected, _ = _project(student_fn, projector, params, collections or {}, inputs, False, None)
     return transplanted_logits(_head(params, frozen), projected)
 
   return predict
-
-
-def _weights(batch: Batch, size: int) -> jax.Array:
-  weights = jnp.asarray(batch["weight"], jnp.float32) if "weight" in batch else jnp.ones(size)
-  return weights * batch["mask"] if "mask" in batch else weights
-
-
-def _teacher_map(teacher_fn: TeacherFn | None, frozen: Mapping[str, Any], batch: Batch) -> jax.Array:
-  if "teacher_feature_map" in batch:
-    teacher_map = batch["teacher_feature_map"]
-  elif teacher_fn is None:
-    raise ValueError("make_dett_step(teacher_fn=None) needs batch['teacher_feature_map']")
-  else:
-    teacher_map = teacher_fn(frozen["teacher"], batch["image"])
-  return jax.lax.stop_gradient(jnp.asarray(teacher_map, jnp.float32))
-
-
-def _accuracy(logits: jax.Array, batch: Batch) -> jax.Array:
-  if "label" not in batch:
-    return jnp.zeros((), jnp.float32)
-  mask = batch["mask"] if "mask" in batch else jnp.ones(logits.shape[0])
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * mask
-  return jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1)

@@ -12,7 +12,8 @@ from dett_jax.data.images import Preprocess
 from dett_jax.data.pipeline import eval_batches
 from dett_jax.data.split import Split
 from dett_jax.distributed import to_host
-from dett_jax.metrics import GroupAccumulator, group_accuracy_metrics, group_ratio_metrics
+from dett_jax.metrics import (GroupAccumulator, group_accuracy_metrics, group_counts,
+                              group_ratio_metrics)
 from dett_jax.sharding import shard_batch
 
 
@@ -82,3 +83,72 @@ def head_sensitivity(sums: dict[str, np.ndarray], head: Any) -> dict[str, list[f
   weight = np.linalg.norm(kernel - kernel.mean(1, keepdims=True), axis=1)
   return {"head_weight": weight.tolist(), "teacher_std": std.tolist(),
           "student_rmse": rmse.tolist(), "reading": (weight * std).tolist()}
+
+
+_group_counts = jax.jit(group_counts, static_argnums=2)
+
+
+def split_outputs(fn: Callable[[Any], Any], split: Split, *, preprocess: Preprocess | None = None,
+                  batch_size: int = 256) -> np.ndarray:
+  """`fn(images)` for every example of `split`, in dataset order: `[n, ...]` (numpy).
+
+  For per-example outputs of a whole split, e.g. an identification model's logits on the
+  training set (for `find_error_set`) or a teacher's pooled features on the validation set
+  (for `fit_dfr`). Images come from `eval_batches` (not augmented); `fn` sees batches of
+  `batch_size` (the last one padded) and is best jitted.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dett_jax import load_splits, split_outputs
+    >>> train = load_splits({"name": "synthetic", "image_size": 16, "train_size": 40,
+    ...                      "val_size": 8, "test_size": 8})["train"]
+    >>> means = split_outputs(lambda images: jnp.mean(images, axis=(1, 2)), train, batch_size=16)
+    >>> means.shape == (len(train), 3)
+    True
+  """
+  outputs = [np.asarray(fn(batch["image"]))
+             for batch in eval_batches(split, global_batch_size=batch_size, preprocess=preprocess)]
+  return np.concatenate(outputs)[:len(split)]
+
+
+def evaluate_groups(logits_fn: Callable[[Any], Any], split: Split, train_counts: np.ndarray, *,
+                    name: str, preprocess: Preprocess | None = None,
+                    batch_size: int = 256) -> dict[str, float]:
+  """Group accuracies of `logits_fn(images) -> [b, k]` on every example of `split`.
+
+  The whole evaluation loop: `eval_batches`, `group_counts` per batch,
+  `GroupAccumulator`, `group_accuracy_metrics`. `logits_fn` (best jitted) sees batches of
+  `batch_size`, the last one padded (padding is not counted).
+
+  Args:
+    logits_fn: images `[b, h, w, 3]` -> logits `[b, k]`.
+    split: the evaluated split.
+    train_counts: training examples per group `[G]` (`train_split.group_counts()`), the
+      weights of `adj_avg_acc`.
+    name: the metric keys' prefix, e.g. "val" or "test".
+    preprocess: the images' transform (default: the split's own size, for in-memory images).
+    batch_size: examples per batch.
+
+  Returns:
+    `"{name}/acc/group_{y}_{a}"`, `"{name}/worst_group_acc"`, `"{name}/avg_acc"`,
+    `"{name}/adj_avg_acc"` (fractions; see `group_accuracy_metrics`).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from dett_jax import evaluate_groups, load_splits
+    >>> splits = load_splits({"name": "synthetic", "image_size": 16, "train_size": 40,
+    ...                       "val_size": 8, "test_size": 40})
+    >>> always_0 = jax.jit(lambda images: jnp.zeros((images.shape[0], 2)).at[:, 0].set(1.0))
+    >>> metrics = evaluate_groups(always_0, splits["test"], splits["train"].group_counts(),
+    ...                           name="test", batch_size=16)
+    >>> metrics["test/worst_group_acc"], metrics["test/acc/group_0_0"]
+    (0.0, 1.0)
+  """
+  accumulator = GroupAccumulator()
+  num_groups = len(train_counts)
+  for batch in eval_batches(split, global_batch_size=batch_size, preprocess=preprocess):
+    accumulator.update(**jax.device_get(_group_counts(logits_fn(batch["image"]), batch,
+                                                      num_groups)))
+  totals = accumulator.totals()
+  return group_accuracy_metrics(totals["correct"], totals["count"], train_counts, split=name,
+                                num_attrs=split.num_attrs)

@@ -50,6 +50,39 @@ def group_sums(
       values, jnp.asarray(groups, jnp.int32), num_segments=num_groups)
 
 
+def group_counts(logits: jnp.ndarray, batch: dict[str, jnp.ndarray],
+                 num_groups: int) -> dict[str, jnp.ndarray]:
+  """Per-group numbers of correct predictions and of examples in one batch (jittable).
+
+  The sums an evaluation step returns per batch: add them up over batches with
+  `GroupAccumulator` and turn the totals into metrics with `group_accuracy_metrics`
+  (or let `evaluate_groups` do the whole loop).
+
+  Args:
+    logits: `[b, k]` predictions.
+    batch: `label` and `group` int `[b]`, and `mask` float `[b]` (1 for a real example,
+      0 for padding; all 1 when absent).
+    num_groups: number of groups G (static under `jax.jit`).
+
+  Returns:
+    `{"correct": [G], "count": [G]}` float32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dett_jax import group_counts
+    >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    >>> batch = {"label": jnp.array([0, 0, 1, 1]), "group": jnp.array([0, 1, 3, 3]),
+    ...          "mask": jnp.array([1.0, 1.0, 1.0, 0.0])}     # the last one is padding
+    >>> {k: v.tolist() for k, v in group_counts(logits, batch, num_groups=4).items()}
+    {'correct': [1.0, 0.0, 0.0, 1.0], 'count': [1.0, 1.0, 0.0, 1.0]}
+  """
+  labels = jnp.asarray(batch["label"])
+  mask = batch["mask"] if "mask" in batch else jnp.ones(labels.shape, jnp.float32)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {"correct": group_sums(correct, batch["group"], mask, num_groups),
+          "count": group_sums(jnp.ones_like(correct), batch["group"], mask, num_groups)}
+
+
 class GroupAccumulator:
   """Host-side accumulator of named per-group sums (float64, by addition).
 

@@ -2,7 +2,9 @@
 learning-rate scaling with the batch size; gradient accumulation. And `freeze`, which
 keeps parameter subtrees (a transplanted head) out of any optax optimizer.
 
-Fields of an optim config (see configs/synthetic.py `optim`):
+Fields of an optim config (declared, with their defaults, in dett_jax/config_schema.py
+`optim`; every function here completes the section it is given with
+`config_schema.complete_optim`, so a caller may leave out the fields of OPTIM_OPTIONAL):
   optimizer         sgd | adamw | lars | lamb
   learning_rate     the rate at `base_batch_size` when `lr_scaling` is linear or sqrt
   lr_scaling        none | linear | sqrt: scale by (effective batch / base_batch_size)
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 import jax
 import optax
 
+from dett_jax.config_schema import complete_optim
 from dett_jax.sharding import path_name
 
 OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
@@ -33,8 +36,9 @@ LR_SCALING = ("none", "linear", "sqrt")
 
 def scaled_learning_rate(optim: Any, effective_batch_size: int) -> float:
   """`optim.learning_rate` after the config's scaling rule for this batch size."""
-  rule = optim.get("lr_scaling", "none")
-  ratio = effective_batch_size / optim.get("base_batch_size", 256)
+  optim = complete_optim(optim)
+  rule = optim.lr_scaling
+  ratio = effective_batch_size / optim.base_batch_size
   if rule == "none":
     return float(optim.learning_rate)
   if rule == "linear":
@@ -52,9 +56,10 @@ def _matrices_only(params: Any) -> Any:
 def schedule_steps(optim: Any, steps_per_epoch: int) -> tuple[int, int]:
   """(updates, warmup updates) of the stage's schedule with `steps_per_epoch` micro-batches
   per epoch, as `make_optimizer` counts them (before its floor of 1 on both)."""
-  k = int(optim.get("accumulate_steps", 1) or 1)
+  optim = complete_optim(optim)
+  k = int(optim.accumulate_steps)
   return (int(optim.epochs * steps_per_epoch // k),
-          int(optim.get("warmup_epochs", 0.0) * steps_per_epoch // k))
+          int(optim.warmup_epochs * steps_per_epoch // k))
 
 
 def schedule_error(optim: Any, steps_per_epoch: int | None, prefix: str = "",
@@ -70,9 +75,12 @@ def schedule_error(optim: Any, steps_per_epoch: int | None, prefix: str = "",
   updates > max(warmup updates, 1)): warmup_epochs >= epochs, a single update, or a
   warmup that rounds up to every update.
   """
-  k = int(optim.get("accumulate_steps", 1) or 1)
-  epochs, warmup_epochs = optim.epochs, optim.get("warmup_epochs", 0.0)
+  optim = complete_optim(optim)
+  k = int(optim.accumulate_steps)
+  epochs, warmup_epochs = optim.epochs, optim.warmup_epochs
   p = prefix
+  if k < 1:
+    return f"{p}accumulate_steps={k} must be >= 1 (1: no accumulation)"
   if warmup_epochs < 0:
     return f"{p}warmup_epochs={warmup_epochs:g} must be >= 0 (0: no warmup)"
   if steps_per_epoch is None:
@@ -119,10 +127,11 @@ def make_optimizer(optim: Any, steps_per_epoch: int, batch_size: int = 256
   schedule no decay step, e.g. warmup_epochs >= epochs or accumulate_steps above
   `steps_per_epoch`.
   """
+  optim = complete_optim(optim)
   problem = schedule_error(optim, steps_per_epoch)
   if problem:
     raise ValueError(problem)
-  k = int(optim.get("accumulate_steps", 1) or 1)
+  k = int(optim.accumulate_steps)
   updates = max(1, optim.epochs * steps_per_epoch // k)
   warmup = int(optim.warmup_epochs * steps_per_epoch // k)
   lr = scaled_learning_rate(optim, batch_size * k)

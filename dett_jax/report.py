@@ -15,31 +15,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from dett_jax.io import (replace_atomic as _replace_atomic, to_builtin as _to_builtin,
+                         write_text_atomic as _write_text_atomic)
 
 MISSING = "—"
 
 _GROUP_RE = re.compile(r"^group_(\d+)_(\d+)$")
-
-
-def _to_builtin(obj: Any) -> Any:
-  """json.dump `default` hook converting numpy (and jax) values."""
-  if isinstance(obj, np.bool_):
-    return bool(obj)
-  if isinstance(obj, np.integer):
-    return int(obj)
-  if isinstance(obj, np.floating):
-    return float(obj)
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
-  if hasattr(obj, "__array__"):  # e.g. jax.Array.
-    arr = np.asarray(obj)
-    return arr.item() if arr.ndim == 0 else arr.tolist()
-  raise TypeError(f"Object of type {type(obj).__name__} is not JSON "
-                  "serializable")
 
 
 def _to_builtin_or_str(obj: Any) -> Any:
@@ -48,41 +33,6 @@ def _to_builtin_or_str(obj: Any) -> Any:
     return _to_builtin(obj)
   except TypeError:
     return str(obj)
-
-
-def _replace_atomic(path: str, write_fn: Callable[[str], None]) -> None:
-  """Calls write_fn(tmp_path) on a temp file next to `path`, then renames."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-      dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  os.close(fd)
-  try:
-    write_fn(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON (indent=2) to `path` atomically.
-
-  Numpy scalars/arrays are converted to Python floats, ints and lists.
-  """
-  def _write(tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2, sort_keys=False, default=_to_builtin)
-      f.write("\n")
-  _replace_atomic(path, _write)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-  def _write(tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  _replace_atomic(path, _write)
 
 
 def format_percent(x: Any) -> str:

@@ -20,9 +20,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dett_jax.report import (MISSING, _replace_atomic, _to_builtin,
-                             _write_text_atomic, format_percent, format_table,
-                             write_json_atomic)
+from dett_jax.io import (replace_atomic as _replace_atomic, to_builtin as _to_builtin,
+                         write_json_atomic, write_text_atomic as _write_text_atomic)
+from dett_jax.report import MISSING, format_percent, format_table
 
 SPLITS = ("val", "test")
 KINDS = ("worst_group_acc", "avg_acc", "adj_avg_acc")

@@ -29,7 +29,7 @@ trains:
 `config.sweep.mesh_axis="model"` shards the stacked axis over the mesh's `model` axis
 (`mesh.model` devices; the batch is split over `data`), so a pod trains many students at
 once; vmapped models then compute 1x1 convolutions as dots, which XLA partitions
-correctly in this layout (see `dett_jax.models.conv`). Each group's programs compile
+correctly in this layout (the group's `models.backend.Backend`). Each group's programs compile
 once; its compile time, compilations, examples/s and variant count are logged and
 recorded. Students keep their last epoch (no per-variant selection during training);
 the study picks the best variant by validation metrics only.
@@ -37,11 +37,11 @@ the study picks the best variant by validation metrics only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import itertools
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,171 +51,26 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dett_jax import distributed
-from dett_jax.data.pipeline import example_weights, train_batches, upsampled_indices
 from dett_jax.evaluation import accumulate, split_metrics
-from dett_jax.methods import METHODS
+from dett_jax.experiment import setup_context
+from dett_jax.io import write_json_atomic
+from dett_jax.methods.base import Method
 from dett_jax.optimizers import make_optimizer
+from dett_jax.data.pipeline import train_batches
 from dett_jax.sharding import put, replicate, shard_batch
-from dett_jax.training.loop import FitSpec, fit
+from dett_jax.stages.builders import backend
+from dett_jax.stages.context import Context, run_stage
+from dett_jax.stages.students import identification, reweighting, student_setup
+from dett_jax.stages.teachers import pretrain, teachers
+from dett_jax.study import write_study
+from dett_jax.sweep_axes import (SweepError, check_sweep, execution, group_key, group_variants,
+                                 method_of, variant_config, variant_name)
+from dett_jax.training.loop import FitSpec, StopSignals, fit
 from dett_jax.training.looped import LoopedEvalStep, LoopedTrainStep, pad_variants
-from dett_jax.training.steps import create_state, jit_train_step, make_eval_step, make_stacked_train_step
-from dett_jax.validation import ConfigError
+from dett_jax.training.state import TrainState
+from dett_jax.training.steps import jit_train_step, make_eval_step, make_stacked_train_step
 
-AXES = ("method", "projector", "match", "transplant", "head_weight", "T_id", "lambda_up",
-        "learning_rate", "epochs", "seed")
-# Change the program, the parameter shapes or the schedule's length.
-GROUP_AXES = ("method", "projector", "match", "transplant", "head_weight", "epochs")
-DATA_AXES = ("T_id", "lambda_up")  # change the data when distill.reweight="upsample"
 Tree = Any
-
-
-class SweepError(ConfigError):
-  """A sweep config that cannot work; the message names the field and the fix."""
-
-
-def check_sweep(config: ml_collections.ConfigDict) -> list[dict]:
-  """Raises SweepError for a sweep config that cannot work; returns the selected variants."""
-  if config.sweep.get("execution", "auto") not in ("auto", "vmap", "loop"):
-    raise SweepError(f"sweep.execution={config.sweep.execution!r}; choose auto, vmap or loop")
-  execution(config)  # loop needs one process
-  if config.sweep.get("conv", "auto") not in ("auto", "patches", "xla"):
-    raise SweepError(f"sweep.conv={config.sweep.conv!r}; choose auto, patches or xla")
-  axis = config.sweep.get("mesh_axis")
-  if axis and axis not in ("data", "model"):
-    raise SweepError(f"sweep.mesh_axis={axis!r}; choose model (or empty: replicated variants)")
-  if config.sweep.get("method", "dett") not in METHODS:
-    raise SweepError(f"sweep.method={config.sweep.method!r}; choose from {', '.join(METHODS)}")
-  axes = {name: tuple(values) for name, values in config.sweep.axes.items()}
-  unknown = [m for m in axes.get("method", ()) if m not in METHODS]
-  if unknown:
-    raise SweepError(f"sweep.axes.method: unknown method(s) {unknown}; choose from "
-                     f"{', '.join(METHODS)}")
-  if any(int(e) < 1 for e in axes.get("epochs", ())):
-    raise SweepError(f"sweep.axes.epochs={list(axes['epochs'])}: every value must be >= 1")
-  selected = variants(axes, parse_subset(config.sweep.get("subset", "")))
-  if not selected:
-    raise SweepError("the sweep selects no variant; check sweep.subset")
-  if any(method_of(config, v).objective == "gdro" for v in selected):
-    # Its group weights and group-DRO settings are not wired into stacked groups.
-    raise SweepError("sweeps do not train gdro students; drop gdro from sweep.method / "
-                     "sweep.axes.method (train.py without a sweep trains them: "
-                     "--config.distill.methods=gdro)")
-  return selected
-
-
-def variants(axes: dict[str, Sequence], subset: dict[str, Sequence] | None = None) -> list[dict]:
-  """Every combination of `axes` values (in order), restricted to `subset`'s values."""
-  for name in axes:
-    if name not in AXES:
-      raise SweepError(f"sweep.axes: unknown axis {name!r}; choose from {', '.join(AXES)}")
-    if not len(axes[name]):
-      raise SweepError(f"sweep.axes.{name} is empty; list at least one value")
-  subset = subset or {}
-  for name, values in subset.items():
-    if name not in axes:
-      raise SweepError(f"sweep.subset names {name!r}, which is not a swept axis "
-                       f"({', '.join(axes)})")
-    unknown = [v for v in values if v not in tuple(axes[name])]
-    if unknown:
-      raise SweepError(f"sweep.subset: {name}={unknown} not among the axis values "
-                       f"{list(axes[name])}")
-  names = list(axes)
-  out = []
-  for combo in itertools.product(*(axes[n] for n in names)):
-    variant = dict(zip(names, combo))
-    if all(variant[n] in tuple(v) for n, v in subset.items()):
-      out.append(variant)
-  return out
-
-
-def parse_subset(text: str) -> dict[str, list]:
-  """'projector=linear,simkd;seed=0,1' -> {"projector": ["linear", "simkd"], "seed": [0, 1]}."""
-  out = {}
-  for part in filter(None, (p.strip() for p in str(text).split(";"))):
-    if "=" not in part:
-      raise SweepError(f"sweep.subset: {part!r} is not AXIS=VALUE[,VALUE...]")
-    name, values = part.split("=", 1)
-    out[name.strip()] = [_parse_value(v.strip()) for v in values.split(",") if v.strip()]
-  return out
-
-
-def _parse_value(text: str) -> Any:
-  if text in ("True", "true"):
-    return True
-  if text in ("False", "false"):
-    return False
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return text
-
-
-def group_key(variant: dict, reweight: str, stack: bool) -> tuple:
-  """Variants with equal keys train stacked in one program."""
-  if not stack:
-    return tuple(sorted(variant.items()))
-  axes = GROUP_AXES + (DATA_AXES if reweight == "upsample" else ())
-  return tuple((a, variant[a]) for a in axes if a in variant)
-
-
-def group_variants(variant_list: list[dict], reweight: str, stack: bool = True) -> list[list[dict]]:
-  """Variants grouped by `group_key`, groups and members in sweep order."""
-  groups: dict[tuple, list[dict]] = {}
-  for v in variant_list:
-    groups.setdefault(group_key(v, reweight, stack), []).append(v)
-  return list(groups.values())
-
-
-def variant_name(variant: dict) -> str:
-  return ",".join(f"{k}={v}" for k, v in variant.items())
-
-
-def variant_config(config: ml_collections.ConfigDict, variant: dict) -> ml_collections.ConfigDict:
-  """`config` with the variant's axis values applied."""
-  out = ml_collections.ConfigDict(config.to_dict())
-  if "projector" in variant:
-    out.distill.projector = variant["projector"]
-  if "match" in variant:
-    out.distill.match = variant["match"]
-  if "lambda_up" in variant:
-    out.distill.lambda_up = float(variant["lambda_up"])
-  if "learning_rate" in variant:
-    out.distill.optim.learning_rate = float(variant["learning_rate"])
-  if "T_id" in variant:
-    out.identification.epochs = int(variant["T_id"])
-  if "head_weight" in variant:
-    out.distill.head_weight = float(variant["head_weight"])
-  if "epochs" in variant:
-    out.distill.optim.epochs = int(variant["epochs"])
-  return out
-
-
-def execution(config: ml_collections.ConfigDict) -> str:
-  """`sweep.execution`: "vmap" / "loop", or "auto": loop on CPU in one process, else vmap."""
-  setting = config.sweep.get("execution", "auto")
-  if setting == "auto":
-    return "loop" if jax.default_backend() == "cpu" and jax.process_count() == 1 else "vmap"
-  if setting == "loop" and jax.process_count() > 1:  # its rows' metrics are read per process
-    raise SweepError("sweep.execution=loop runs in one process; with several, use vmap (or auto)")
-  return setting
-
-
-def use_patches_everywhere(config: ml_collections.ConfigDict, k: int) -> bool:
-  """`sweep.conv`: "patches" / "xla", or "auto": patches for vmapped groups (k > 1) on CPU
-  (see `dett_jax.models.conv.conv_fn`); looped groups run plain steps (XLA's)."""
-  setting = config.sweep.get("conv", "auto")
-  if setting == "auto":
-    return k > 1 and jax.default_backend() == "cpu" and execution(config) == "vmap"
-  return setting == "patches"
-
-
-def method_of(config: ml_collections.ConfigDict, variant: dict):
-  base = variant.get("method", config.sweep.get("method", "dett"))
-  if variant.get("transplant") is False:
-    base = {"dett": "dett_no_transplant"}.get(base, base)
-  return METHODS[base]
 
 
 def stack(trees: list[Tree]) -> Tree:
@@ -234,91 +89,121 @@ def place_stacked(tree: Tree, mesh, axis: str | None) -> Tree:
   return jax.tree.map(one, tree)
 
 
-def train_group(ctx, name: str, group: list[dict], pretrained_student: Tree, teacher_vars: Tree,
-                teacher_head: Tree, error_sets: dict[int, np.ndarray]) -> tuple[list[dict], dict]:
-  """Trains the variants of one group stacked; returns (per-variant records, group stats)."""
-  from dett_jax import experiment  # the stage helpers; imported here to avoid a cycle
-  config = ctx.config
-  train = ctx.splits["train"]
-  configs = [variant_config(config, v) for v in group]
+@dataclasses.dataclass
+class Group:
+  """One group of stacked variants, ready to train: its method, stacked states, frozen
+  tree (with the per-variant `variants` entry), optimizer and data."""
+
+  name: str
+  variants: list[dict]
+  method: Method
+  states: TrainState
+  frozen: Tree
+  tx: Any
+  data: Any
+  batch_size: int
+  epochs: int
+  steps_per_epoch: int
+  looped: bool
+  axis: str | None
+
+
+def group_policy(config: ml_collections.ConfigDict, k: int, looped: bool):
+  """The backend policy of a group of k stacked variants (see `Backend.stacked`)."""
+  return backend(config).stacked(sharded=bool(config.sweep.mesh_axis) and not looped,
+                                 vmapped=k > 1 and execution(config) == "vmap",
+                                 conv=config.sweep.conv)
+
+
+def variant_data(ctx: Context, method: Method, configs: list, error_sets: dict[int, np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(the shared index list, per-variant example weights `[k, n]`) of a group."""
+  n = len(ctx.splits["train"])
   first = configs[0]
-  looped = execution(config) == "loop" and len(group) > 1  # one variant: its plain step
-  if config.sweep.get("mesh_axis") and not looped:  # see dett_jax.models.conv: 1x1 convs as dots
-    first.pointwise_dot = True
-  first.patches_everywhere = use_patches_everywhere(config, len(group))
-  method = method_of(config, group[0])
-  k = len(group)
-  axis = config.sweep.get("mesh_axis") or None
-  seeds = [config.seed * 1000 + 500 + int(v.get("seed", 0)) for v in group]
-  setups = [experiment.student_setup(ctx, method, first, pretrained_student, teacher_vars,
-                                     teacher_head, s) for s in seeds]
-  networks, _, frozen = setups[0]
-  optim = first.distill.optim
-  batch_size = optim.get("batch_size") or config.batch_size
-  reweight = config.distill.reweight
-  n = len(train)
-  if method.reweight and reweight == "upsample":
-    index_list = upsampled_indices(n, error_sets[first.identification.epochs],
-                                   int(first.distill.lambda_up))
-  else:
-    index_list = np.arange(n)
+  index_list, _ = reweighting(ctx, method, error_sets.get(first.identification.epochs),
+                              first.distill.lambda_up)
   weights = []
   for cfg in configs:
-    if method.reweight and reweight == "loss_weight":
-      weights.append(example_weights(n, error_sets[cfg.identification.epochs], cfg.distill.lambda_up))
-    else:
-      weights.append(np.ones(n, np.float32))
-  lr_scale = np.array([cfg.distill.optim.learning_rate / optim.learning_rate for cfg in configs],
-                      np.float32)
+    _, w = reweighting(ctx, method, error_sets.get(cfg.identification.epochs), cfg.distill.lambda_up)
+    weights.append(np.ones(n, np.float32) if w is None else w)
+  return (np.arange(n) if index_list is None else index_list), np.stack(weights)
+
+
+def build_group(ctx: Context, name: str, group: list[dict], pretrained_student: Tree,
+                teacher_vars: Tree, teacher_head: Tree, error_sets: dict[int, np.ndarray]) -> Group:
+  """The group's method, stacked initial states and placed trees. Variant `seed=s` is
+  initialised from `("sweep", "seed", s)` and its loss's randomness from
+  `("sweep", "step", s)`: the same whether it trains stacked or alone."""
+  config, k = ctx.config, len(group)
+  configs = [variant_config(config, v) for v in group]
+  first, optim = configs[0], configs[0].distill.optim
+  looped = execution(config) == "loop" and k > 1  # one variant: its plain step
+  axis = config.sweep.mesh_axis or None
+  setups = [student_setup(ctx, method_of(config, group[0]), first, pretrained_student,
+                          teacher_vars, teacher_head, ctx.key("sweep", "seed", int(v.get("seed", 0))),
+                          group_policy(config, k, looped)) for v in group]
+  method, _, frozen = setups[0]
+  index_list, weights = variant_data(ctx, method, configs, error_sets)
+  batch_size = optim.batch_size or config.batch_size
   steps_per_epoch = len(index_list) // batch_size
   if steps_per_epoch < 1:
     raise SweepError(f"{name}: {len(index_list)} training examples give no full batch of "
                      f"{batch_size}; lower the batch size")
   tx = make_optimizer(optim, steps_per_epoch, batch_size)
-  states = stack([create_state(v["params"], v["batch_stats"], tx) for _, v, _ in setups])
-  per_variant = {"weights": np.stack(weights), "lr_scale": lr_scale}
+  states = stack([TrainState.create(v["params"], v["collections"], tx) for _, v, _ in setups])
+  per_variant = {"weights": weights, "lr_scale": np.array(
+      [c.distill.optim.learning_rate / optim.learning_rate for c in configs], np.float32),
+      "rng": np.stack([np.asarray(jax.random.key_data(ctx.key("sweep", "step", int(v.get("seed", 0)))))
+                       for v in group])}
   if looped:  # one variant per device column at a time: pad k to a multiple of the columns
-    columns = ctx.mesh.shape[axis] if axis else 1
-    states, per_variant = pad_variants((states, per_variant), columns)
-    states = place_stacked(states, ctx.mesh, axis)
-    frozen = {**replicate(frozen, ctx.mesh),
-              "variants": place_stacked(per_variant, ctx.mesh, axis)}
+    states, per_variant = pad_variants((states, per_variant), ctx.mesh.shape[axis] if axis else 1)
+    frozen = {**replicate(frozen, ctx.mesh), "variants": place_stacked(per_variant, ctx.mesh, axis)}
   else:
-    states = place_stacked(states, ctx.mesh, axis)
     frozen = replicate({**frozen, "variants": per_variant}, ctx.mesh)
-  data = train_batches(train, index_list, num_epochs=optim.epochs, global_batch_size=batch_size,
-                       seed=config.seed * 1000 + 500, preprocess=ctx.preprocess,
-                       augment_images=optim.get("augment", config.augment),
+  data = train_batches(ctx.splits["train"], index_list, num_epochs=optim.epochs,
+                       global_batch_size=batch_size, seed=ctx.seed("sweep", "data"),
+                       preprocess=ctx.preprocess, augment_images=optim.augment,
                        process_index=jax.process_index(), process_count=jax.process_count())
+  return Group(name, group, method, place_stacked(states, ctx.mesh, axis), frozen, tx, data,
+               batch_size, optim.epochs, steps_per_epoch, looped, axis)
+
+
+def compile_group(ctx: Context, g: Group) -> tuple[Any, int, Any]:
+  """(the compiled step, its number of compilations, the host view of its metrics)."""
+  first_batch = shard_batch(g.data[0], ctx.mesh)
+  if g.looped:
+    step = LoopedTrainStep(g.method, g.tx, ctx.mesh, g.axis, len(g.variants))
+    return step.compile(g.states, first_batch, g.frozen), step.compilations, step.host_metrics
+  step = jit_train_step(make_stacked_train_step(g.method, g.tx), ctx.mesh, g.states, g.frozen)
+  return step.lower(g.states, first_batch, g.frozen).compile(), 1, None
+
+
+def train_group(ctx: Context, name: str, group: list[dict], pretrained_student: Tree,
+                teacher_vars: Tree, teacher_head: Tree, error_sets: dict[int, np.ndarray]
+                ) -> tuple[list[dict], dict]:
+  """Trains the variants of one group stacked; returns (per-variant records, group stats)."""
+  g = build_group(ctx, name, group, pretrained_student, teacher_vars, teacher_head, error_sets)
+  k = len(group)
   t0 = time.perf_counter()
-  first_batch = shard_batch(data[0], ctx.mesh)
-  host_metrics = None
-  if looped:
-    step = LoopedTrainStep(networks, method, tx, config.distill, ctx.mesh, axis, k)
-    compiled = step.compile(states, first_batch, frozen)
-    compilations, host_metrics = step.compilations, step.host_metrics
-  else:
-    step = jit_train_step(make_stacked_train_step(networks, method, tx, config.distill), ctx.mesh,
-                          states, frozen)
-    compiled, compilations = step.lower(states, first_batch, frozen).compile(), 1
+  compiled, compilations, host_metrics = compile_group(ctx, g)
   compile_s = time.perf_counter() - t0
-  spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=optim.epochs,
-                 steps_per_epoch=steps_per_epoch, data=data,
-                 signature={"method": method.name, "variants": variant_name_list(group),
-                            "batch_size": batch_size, "steps_per_epoch": steps_per_epoch},
+  spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=g.epochs,
+                 steps_per_epoch=g.steps_per_epoch, data=g.data,
+                 signature={"method": g.method.name, "variants": variant_name_list(group),
+                            "batch_size": g.batch_size, "steps_per_epoch": g.steps_per_epoch},
                  host_metrics=host_metrics, **ctx.fit_options())
   t0 = time.perf_counter()
-  variables, _ = fit(spec, states, compiled, frozen, ctx.mesh, ctx.logger)
+  variables, _ = fit(spec, g.states, compiled, g.frozen, ctx.mesh, ctx.logger)
   train_s = time.perf_counter() - t0
-  steps = optim.epochs * steps_per_epoch
-  stats = {"variants": k, "execution": "loop" if looped else "vmap",
+  steps = spec.num_epochs * g.steps_per_epoch
+  stats = {"variants": k, "execution": "loop" if g.looped else "vmap",
            "compilations": compilations, "compile_s": compile_s, "train_s": train_s,
-           "steps": steps, "examples_per_s": k * steps * batch_size / max(train_s, 1e-9)}
+           "steps": steps, "examples_per_s": k * steps * g.batch_size / max(train_s, 1e-9)}
   logging.info("sweep group %s: %d variant(s), %s, %d compilation(s) (%.1f s), %.0f examples/s",
                name, k, stats["execution"], compilations, compile_s, stats["examples_per_s"])
-  metrics = evaluate_stacked(ctx, networks, method, variables, frozen, k, looped, axis)
+  metrics = evaluate_stacked(ctx, g.method, variables, g.frozen, k, g.looped, g.axis)
   records = [{"name": variant_name(v), "variant": {a: x for a, x in v.items() if a != "seed"},
-              "seed": int(v.get("seed", 0)), "method": method.name, "metrics": m}
+              "seed": int(v.get("seed", 0)), "method": g.method.name, "metrics": m}
              for v, m in zip(group, metrics)]
   return records, stats
 
@@ -335,7 +220,7 @@ def variant_name_list(group: list[dict]) -> str:
   return ";".join(variant_name(v) for v in group)
 
 
-def evaluate_stacked(ctx, networks, method, variables: Tree, frozen: Tree, k: int,
+def evaluate_stacked(ctx: Context, method: Method, variables: Tree, frozen: Tree, k: int,
                      looped: bool = False, axis: str | None = None) -> list[dict]:
   """Val and test metrics of the first k stacked variants: one vmapped eval program, or
   (`looped`) one variant per column of the mesh's `axis` at a time, as they trained."""
@@ -343,10 +228,10 @@ def evaluate_stacked(ctx, networks, method, variables: Tree, frozen: Tree, k: in
   shared = {key: v for key, v in frozen.items() if key != "variants"}
   host_view = None
   if looped:
-    eval_step = LoopedEvalStep(networks, method, num_groups, ctx.mesh, axis, k)
+    eval_step = LoopedEvalStep(method.models, method, num_groups, ctx.mesh, axis, k)
     host_view = eval_step.host_metrics
   else:
-    eval_step = jax.jit(jax.vmap(make_eval_step(networks, method, num_groups),
+    eval_step = jax.jit(jax.vmap(make_eval_step(method.models, method, num_groups),
                                  in_axes=(0, None, None)))
   out = [{} for _ in range(k)]
   for split in ("val", "test"):
@@ -358,38 +243,48 @@ def evaluate_stacked(ctx, networks, method, variables: Tree, frozen: Tree, k: in
   return out
 
 
+def error_sets_of(ctx: Context, selected: list[dict], student_pre: Tree) -> dict[int, np.ndarray]:
+  """The error set of every T_id the reweighting variants use (one identification stage each)."""
+  out = {}
+  for v in selected:
+    epochs = variant_config(ctx.config, v).identification.epochs
+    if epochs not in out and method_of(ctx.config, v).reweight:
+      out[epochs] = np.asarray(identification(ctx, student_pre, epochs)["error_set"], np.int64)
+  return out
+
+
+def train_groups(ctx: Context, selected: list[dict]) -> tuple[list[dict], dict]:
+  """Teacher stages once, then every group as its own stage; (records, group stats)."""
+  config = ctx.config
+  groups = group_variants(selected, config.distill.reweight, config.sweep.stack)
+  logging.info("sweep: %d variant(s) in %d group(s)", len(selected), len(groups))
+  _, teacher_vars, distill_head = teachers(ctx)
+  student_pre = pretrain(ctx, "student")
+  error_sets = error_sets_of(ctx, selected, student_pre)
+  records, group_stats = [], {}
+  for group in groups:
+    name = group_stage_name(group_key(group[0], config.distill.reweight, config.sweep.stack),
+                            group)
+
+    def body(group=group, name=name):
+      recs, stats = train_group(ctx, name, group, student_pre, teacher_vars, distill_head,
+                                error_sets)
+      return None, {"runs": recs, "stats": stats}
+
+    _, record = run_stage(ctx, name, None, body)
+    records += record["runs"]
+    group_stats[name] = {**record["stats"], "stage_s": record["seconds"]}
+  return records, group_stats
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Teacher stages once, then every variant group; writes the study; returns it."""
-  from dett_jax import experiment
-  from dett_jax.study import write_study
-  selected = check_sweep(config)
-  axes = {name: tuple(values) for name, values in config.sweep.axes.items()}
-  groups = group_variants(selected, config.distill.reweight, config.sweep.get("stack", True))
-  ctx = experiment.setup_context(config, workdir)
-  logging.info("sweep: %d variant(s) in %d group(s)", len(selected), len(groups))
-  records, group_stats = [], {}
+  ctx = setup_context(config, workdir)  # checks the sweep too (validation.validate_config)
+  selected = check_sweep(ctx.config)
+  axes = {name: tuple(values) for name, values in ctx.config.sweep.axes.items()}
   try:
-    with experiment.StopSignals():
-      _, teacher_vars, distill_head = experiment.teachers(ctx)
-      student_pre = experiment.pretrain(ctx, "student")
-      error_sets = {}
-      for v in selected:
-        epochs = variant_config(config, v).identification.epochs
-        if epochs not in error_sets and method_of(config, v).reweight:
-          record = experiment.identification(ctx, student_pre, epochs)
-          error_sets[epochs] = np.asarray(record["error_set"], np.int64)
-      for group in groups:
-        name = group_stage_name(group_key(group[0], config.distill.reweight,
-                                          config.sweep.get("stack", True)), group)
-
-        def body(group=group, name=name):
-          recs, stats = train_group(ctx, name, group, student_pre, teacher_vars, distill_head,
-                                    error_sets)
-          return None, {"runs": recs, "stats": stats}
-
-        _, record = experiment.run_stage(ctx, name, None, body)
-        records += record["runs"]
-        group_stats[name] = {**record["stats"], "stage_s": record["seconds"]}
+    with StopSignals():
+      records, group_stats = train_groups(ctx, selected)
   finally:
     ctx.logger.close()
   study = None
@@ -397,6 +292,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     study = write_study(records, {a: list(v) for a, v in axes.items() if a != "seed"},
                         ctx.workdir)
     study["groups"] = group_stats
-    experiment.write_json_atomic(os.path.join(ctx.workdir, "sweep_groups.json"), group_stats)
+    write_json_atomic(os.path.join(ctx.workdir, "sweep_groups.json"), group_stats)
   distributed.sync("study")
   return {"runs": records, "groups": group_stats, "study": study}

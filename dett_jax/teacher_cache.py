@@ -16,7 +16,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
-from dett_jax.report import write_json_atomic
+from dett_jax.io import write_json_atomic
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16),
           "float16": np.dtype(np.float16)}

@@ -11,14 +11,18 @@ import jax
 import ml_collections
 
 from dett_jax import distributed
+from dett_jax.config_schema import OPTIM_SECTIONS, ConfigError, complete, section
 from dett_jax.data import GENERATED, LOADERS, generated_benchmark
 from dett_jax.data.images import TRAIN_TRANSFORMS
-from dett_jax.methods import METHODS, TEACHER_DEBIAS, parse_debias
+from dett_jax.methods import TEACHER_DEBIAS, parse_debias
+from dett_jax.methods import get as get_method, names as method_names
+from dett_jax.sweep_axes import (check_sweep, method_of, parse_subset, variant_config,
+                                 variants)
 from dett_jax.optimizers import LR_SCALING, OPTIMIZERS, schedule_error
 from dett_jax.sharding import parse_rules
 from dett_jax.models.projector import PROJECTORS
 from dett_jax.models.resnet import STAGES, feature_channels
-from dett_jax.report import write_json_atomic
+from dett_jax.io import write_json_atomic
 
 # Fields that change how a run is watched or where it computes, not what it computes: a
 # workdir may be re-run with other values of these (and with more or fewer student methods
@@ -36,10 +40,6 @@ NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "stop_after_st
                      "mesh.cpu_devices", "mesh.data", "mesh.model", "mesh.strategy", "mesh.rules",
                      "distill.methods", "teacher.debias", "eval_batch_size", "data.workers",
                      "data.check_images")
-
-
-class ConfigError(ValueError):
-  """A config field has a value that cannot work; the message names the field and the fix."""
 
 
 class WorkdirError(OSError):
@@ -78,83 +78,116 @@ def _check(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the field and the fix for the first bad value found."""
-  methods = [m.strip() for m in str(config.distill.methods).split(",") if m.strip()]
-  for m in methods:
-    _check(m in METHODS, f"distill.methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-  _check(config.distill.projector in PROJECTORS,
-         f"distill.projector: unknown projector {config.distill.projector!r}; choose from "
-         f"{', '.join(PROJECTORS)}")
-  _check(config.distill.lambda_up >= 1,
-         f"distill.lambda_up={config.distill.lambda_up} must be >= 1 (1 means no upweighting)")
-  _check(config.distill.reweight in ("upsample", "loss_weight"),
-         f"distill.reweight={config.distill.reweight!r}; choose upsample or loss_weight")
-  if config.distill.reweight == "upsample":
-    _check(float(config.distill.lambda_up).is_integer(),
-           f"distill.lambda_up={config.distill.lambda_up} must be an integer with "
-           "distill.reweight=upsample; round it or use distill.reweight=loss_weight")
-  _check(config.distill.match in ("map", "pooled"),
-         f"distill.match={config.distill.match!r}; choose map or pooled")
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config completed by the schema (`config_schema.complete`: every declared field
+  present, an undeclared one refused), after checking it: raises ConfigError naming the
+  field and the fix for the first bad value found. The run uses the returned config.
+  A sweep config's `sweep` section is checked too (`sweep_axes.check_sweep`)."""
+  config = complete(config)
+  if "sweep" in config:
+    check_sweep(config)
+  _validate_distill(config)
   validate_teachers(config)
-  _check(config.distill.select in ("val_worst_group", "last"),
-         f"distill.select={config.distill.select!r}; choose val_worst_group or last")
-  _check(0.0 <= config.distill.kd_ce_weight <= 1.0,
-         f"distill.kd_ce_weight={config.distill.kd_ce_weight} must be in [0, 1]")
-  _check(config.distill.temperature > 0, "distill.temperature must be > 0")
+  _validate_networks(config)
+  _validate_optimizers(config)
+  validate_data_config(config)
+  check_schedules(config, known_train_size(config))
+  _validate_run_options(config)
+  _validate_checkpoints(config)
+  return config
+
+
+def _method_names(config: ml_collections.ConfigDict) -> list[str]:
+  return [m.strip() for m in str(config.distill.methods).split(",") if m.strip()]
+
+
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+  """Checks `distill` (methods, projector, reweighting, losses, selection)."""
+  distill = config.distill
+  for m in _method_names(config):
+    _check(m in method_names(), f"distill.methods: unknown method {m!r}; choose from "
+           f"{', '.join(method_names())} (a method of your own: list its module in plugins)")
+  _check(distill.projector in PROJECTORS,
+         f"distill.projector: unknown projector {distill.projector!r}; choose from "
+         f"{', '.join(PROJECTORS)}")
+  _check(distill.lambda_up >= 1,
+         f"distill.lambda_up={distill.lambda_up} must be >= 1 (1 means no upweighting)")
+  _check(distill.reweight in ("upsample", "loss_weight"),
+         f"distill.reweight={distill.reweight!r}; choose upsample or loss_weight")
+  if distill.reweight == "upsample":
+    _check(float(distill.lambda_up).is_integer(),
+           f"distill.lambda_up={distill.lambda_up} must be an integer with "
+           "distill.reweight=upsample; round it or use distill.reweight=loss_weight")
+  _check(distill.match in ("map", "pooled"),
+         f"distill.match={distill.match!r}; choose map or pooled")
+  _check(distill.select in ("val_worst_group", "last"),
+         f"distill.select={distill.select!r}; choose val_worst_group or last")
+  _check(0.0 <= distill.kd_ce_weight <= 1.0,
+         f"distill.kd_ce_weight={distill.kd_ce_weight} must be in [0, 1]")
+  _check(distill.temperature > 0, "distill.temperature must be > 0")
+  if distill.teacher_cache:
+    _check(not distill.optim.augment,
+           "distill.teacher_cache=True needs un-augmented student training (the teacher must "
+           "see the same image each epoch); set augment=False (or distill.optim.augment=False) "
+           "or distill.teacher_cache=False")
+
+
+def _validate_networks(config: ml_collections.ConfigDict) -> None:
+  """Checks the teacher's and the student's ResNets and the projector between them."""
+  methods = _method_names(config)
   for role in ("teacher", "student"):
     arch = config[role]
     _check(arch.depth in STAGES, f"{role}.depth={arch.depth}; choose one of {sorted(STAGES)}")
     _check(arch.stem in ("imagenet", "small"), f"{role}.stem={arch.stem!r}; choose imagenet or small")
     _check(arch.width > 0, f"{role}.width={arch.width} must be > 0")
   if config.distill.projector == "identity" and any(
-      METHODS[m].objective == "feature" for m in methods):
+      not get_method(m).student_head for m in methods):  # a projector maps the student's map
     s = feature_channels(config.student.depth, config.student.width)
     t = feature_channels(config.teacher.depth, config.teacher.width)
     _check(s == t, f"distill.projector=identity needs equal feature channels, but the student has "
            f"{s} and the teacher {t}; use distill.projector=linear or simkd, or match the widths")
+
+
+def _validate_optimizers(config: ml_collections.ConfigDict) -> None:
+  """Checks `batch_size` and the fields of every optimizer section (OPTIM_SECTIONS)."""
   _check(config.batch_size > 0, "batch_size must be > 0")
-  for name in ("identification", "distill.optim", "teacher.optim", "pretrain.teacher",
-               "pretrain.student"):
-    optim = config
-    for part in name.split("."):
-      optim = optim[part]
-    _check(optim.get("batch_size", 0) >= 0, f"{name}.batch_size must be >= 0 (0: batch_size)")
+  for name in OPTIM_SECTIONS:
+    optim = section(config, name)
+    _check(optim.batch_size >= 0, f"{name}.batch_size must be >= 0 (0: batch_size)")
     _check(optim.optimizer in OPTIMIZERS, f"{name}.optimizer={optim.optimizer!r}; choose from "
            f"{', '.join(OPTIMIZERS)}")
-    _check(optim.get("lr_scaling", "none") in LR_SCALING,
-           f"{name}.lr_scaling={optim.get('lr_scaling')!r}; choose from {', '.join(LR_SCALING)}")
-    _check(optim.get("accumulate_steps", 1) >= 1,
-           f"{name}.accumulate_steps={optim.get('accumulate_steps')} must be >= 1")
+    _check(optim.lr_scaling in LR_SCALING,
+           f"{name}.lr_scaling={optim.lr_scaling!r}; choose from {', '.join(LR_SCALING)}")
+    _check(optim.accumulate_steps >= 1,
+           f"{name}.accumulate_steps={optim.accumulate_steps} must be >= 1")
     _check(optim.epochs >= 1, f"{name}.epochs={optim.epochs} must be >= 1")
-    _check(optim.get("warmup_epochs", 0.0) >= 0,
-           f"{name}.warmup_epochs={optim.get('warmup_epochs')} must be >= 0 (0: no warmup)")
+    _check(optim.warmup_epochs >= 0,
+           f"{name}.warmup_epochs={optim.warmup_epochs} must be >= 0 (0: no warmup)")
     _check(optim.learning_rate > 0, f"{name}.learning_rate must be > 0")
-  validate_data_config(config)
-  check_schedules(config, known_train_size(config))
-  _check(config.get("precision", "float32") in ("float32", "bfloat16"),
-         f"precision={config.get('precision')!r}; choose float32 or bfloat16")
-  _check(config.get("on_nonfinite", "stop") in ("stop", "skip"),
-         f"on_nonfinite={config.get('on_nonfinite')!r}; choose stop or skip")
-  _check(config.get("keep_checkpoints", 2) >= 1,
-         f"keep_checkpoints={config.get('keep_checkpoints')} must be >= 1")
-  _check(config.get("checkpoint_every_minutes", 0.0) >= 0,
-         f"checkpoint_every_minutes={config.get('checkpoint_every_minutes')} must be >= 0 "
-         "(0: off)")
-  _check(config.get("small_map_conv", "auto") in ("auto", "patches", "xla"),
-         f"small_map_conv={config.get('small_map_conv')!r}; choose auto, patches or xla")
+
+
+def _validate_run_options(config: ml_collections.ConfigDict) -> None:
+  """Checks precision, the divergence policy, checkpointing, convolutions and the mesh."""
+  _check(config.precision in ("float32", "bfloat16"),
+         f"precision={config.precision!r}; choose float32 or bfloat16")
+  _check(config.on_nonfinite in ("stop", "skip"),
+         f"on_nonfinite={config.on_nonfinite!r}; choose stop or skip")
+  _check(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must be >= 1")
+  _check(config.checkpoint_every_minutes >= 0,
+         f"checkpoint_every_minutes={config.checkpoint_every_minutes} must be >= 0 (0: off)")
+  _check(config.small_map_conv in ("auto", "patches", "xla"),
+         f"small_map_conv={config.small_map_conv!r}; choose auto, patches or xla")
   try:
-    parse_rules(config.mesh.get("strategy", "replicated"), tuple(config.mesh.get("rules", ())))
+    parse_rules(config.mesh.strategy, tuple(config.mesh.rules))
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _check(config.mesh.get("model", 1) >= 1, "mesh.model must be >= 1")
-  if config.distill.get("teacher_cache"):
-    _check(not config.distill.optim.get("augment", config.augment),
-           "distill.teacher_cache=True needs un-augmented student training (the teacher must "
-           "see the same image each epoch); set augment=False (or distill.optim.augment=False) "
-           "or distill.teacher_cache=False")
+  _check(config.mesh.model >= 1, "mesh.model must be >= 1")
+
+
+def _validate_checkpoints(config: ml_collections.ConfigDict) -> None:
+  """Checks that `teacher.init`, `student.init` and `teacher.checkpoint` are directories."""
   for role in ("teacher", "student"):
-    init = config[role].get("init")
+    init = config[role].init
     if init:
       _check(os.path.isdir(init), f"{role}.init={init!r} is not a checkpoint directory; give an "
              "Orbax checkpoint of ResNet variables (python -m dett_jax.import_torch makes one "
@@ -166,11 +199,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_teachers(config: ml_collections.ConfigDict) -> None:
-  """Checks `teacher.debias`, `distill.teacher` and `gdro` (group-DRO settings)."""
-  _check("dfr" not in config.teacher,
-         "teacher.dfr was replaced by teacher.debias; use --config.teacher.debias=dfr (or \"\" "
-         "for no debiased teacher)")
-  debias = parse_debias(config.teacher.get("debias", "dfr"))
+  """Checks `teacher.debias`, `distill.teacher` and `gdro` (group-DRO settings) of a
+  completed config (`validate_config` completes it; a `teacher.dfr` field, replaced by
+  `teacher.debias`, is refused by the completion, naming the replacement)."""
+  debias = parse_debias(config.teacher.debias)
   for name in debias:
     _check(name in TEACHER_DEBIAS, f"teacher.debias: unknown debiased teacher {name!r}; choose "
            f"from {', '.join(TEACHER_DEBIAS)} (comma-separated, \"\" for none)")
@@ -180,14 +212,11 @@ def validate_teachers(config: ml_collections.ConfigDict) -> None:
          f"distill.teacher={config.distill.teacher!r}; choose erm, {', '.join(TEACHER_DEBIAS)}")
   _check(config.distill.teacher == "erm" or config.distill.teacher in debias,
          f"distill.teacher={config.distill.teacher} needs that teacher in teacher.debias "
-         f"(now {config.teacher.get('debias', 'dfr')!r}); add it there, or distil another one")
-  methods = [m.strip() for m in str(config.distill.methods).split(",") if m.strip()]
-  if "gdro" in debias or "gdro" in methods or "gdro" in config:
-    gdro = config.get("gdro") or {}
-    eta, adjustment = gdro.get("eta", 0.01), gdro.get("adjustment", 0.0)
-    _check(eta > 0, f"gdro.eta={eta} must be > 0 (the group weights' step size; default 0.01)")
-    _check(adjustment >= 0, f"gdro.adjustment={adjustment} must be >= 0 (C of C / sqrt(n_g); "
-           "0: none)")
+         f"(now {config.teacher.debias!r}); add it there, or distil another one")
+  eta, adjustment = config.gdro.eta, config.gdro.adjustment
+  _check(eta > 0, f"gdro.eta={eta} must be > 0 (the group weights' step size; default 0.01)")
+  _check(adjustment >= 0, f"gdro.adjustment={adjustment} must be >= 0 (C of C / sqrt(n_g); "
+         "0: none)")
   if "gdro" in debias:
     _check(not config.teacher.checkpoint,
            "teacher.debias=gdro fine-tunes the pretrained teacher backbone, which "
@@ -196,7 +225,8 @@ def validate_teachers(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_data_config(config: ml_collections.ConfigDict) -> None:
-  """Checks `config.data` (loader, preprocessing, workers) and its fit with pretraining."""
+  """Checks `config.data` (loader, preprocessing, workers) of a completed config and its
+  fit with pretraining."""
   data = config.data
   _check(data.name in LOADERS, f"data.name={data.name!r}; choose from {', '.join(LOADERS)}")
   _check(data.name in GENERATED or not config.pretrain.enabled,
@@ -205,26 +235,38 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
          "pretrain.enabled=False and give ImageNet weights as teacher.init/student.init (see "
          "README, 'Teachers and weights from PyTorch')")
   if data.name not in GENERATED:
-    _check(bool(data.get("root")) or data.get("source") == "tfds",
+    _check(bool(data.root) or (data.name == "celeba" and data.source == "tfds"),
            "data.root is empty; give the data folder: --config.data.root=DIR")
   _check(data.image_size >= 8, f"data.image_size={data.image_size} must be >= 8")
-  _check(data.get("train_transform", "pad_crop") in TRAIN_TRANSFORMS,
-         f"data.train_transform={data.get('train_transform')!r}; choose from "
+  _check(data.train_transform in TRAIN_TRANSFORMS,
+         f"data.train_transform={data.train_transform!r}; choose from "
          f"{', '.join(TRAIN_TRANSFORMS)}")
-  resize = data.get("eval_resize", 0)
+  resize = data.eval_resize
   _check(resize == 0 or resize >= data.image_size,
          f"data.eval_resize={resize} must be 0 (resize straight to data.image_size) or >= "
          f"data.image_size={data.image_size} (resize, then centre-crop)")
-  scale, ratio = data.get("crop_scale", (0.7, 1.0)), data.get("crop_ratio", (0.75, 4 / 3))
+  scale, ratio = data.crop_scale, data.crop_ratio
   _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
          f"data.crop_scale={tuple(scale)} must be (low, high) with 0 < low <= high <= 1")
   _check(len(ratio) == 2 and 0 < ratio[0] <= ratio[1],
          f"data.crop_ratio={tuple(ratio)} must be (low, high) with 0 < low <= high")
   for field in ("mean", "std"):
-    value = tuple(data.get(field, (1.0,) * 3))
+    value = tuple(data[field])
     _check(len(value) == 3, f"data.{field}={value} needs one value per RGB channel")
-  _check(all(v > 0 for v in data.get("std", (1.0,))), "data.std values must be > 0")
-  _check(data.get("workers", 0) >= 0, f"data.workers={data.get('workers')} must be >= 0")
+  _check(all(v > 0 for v in data.std), "data.std values must be > 0")
+  _check(data.workers >= 0, f"data.workers={data.workers} must be >= 0")
+
+
+def batch_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Every global batch size the run uses, by config field: `batch_size`, and each
+  optimizer section's own `batch_size` where set (0: the global one)."""
+  config = complete(config)
+  sizes = {"batch_size": config.batch_size}
+  for name in OPTIM_SECTIONS:
+    optim = section(config, name)
+    if optim.batch_size:
+      sizes[f"{name}.batch_size"] = optim.batch_size
+  return sizes
 
 
 def known_train_size(config: ml_collections.ConfigDict) -> int | None:
@@ -248,15 +290,17 @@ def check_schedules(config: ml_collections.ConfigDict, train_size: int | None) -
   Upsampling (`distill.reweight=upsample`) adds examples of the error set, unknown before
   identification: the un-upsampled size is used, the fewest steps per epoch, which the
   methods without upsampling train with exactly (and the upsampled ones with an empty
-  error set). Sweeps: every T_id value of the selected variants is checked.
+  error set). Sweeps: every T_id value of the selected variants is checked. `config` is
+  completed first (`config_schema.complete`), so a partial one works too.
   """
+  config = complete(config)
   for field, optim, data, upsampled, context in _scheduled_stages(config):
     size = config.pretrain.size if data == "pretrain" else train_size
     if size is None:
       problem = schedule_error(optim, None, f"{field}.")
     else:
-      batch = optim.get("batch_size") or config.batch_size
-      batch_field = f"{field}.batch_size" if optim.get("batch_size") else "batch_size"
+      batch = optim.batch_size or config.batch_size  # 0: the global batch_size
+      batch_field = f"{field}.batch_size" if optim.batch_size else "batch_size"
       where = "pretrain.size" if data == "pretrain" else "the training split"
       _check(size // batch >= 1,
              f"{context}{batch_field}={batch} is larger than the {size} examples of {where}, "
@@ -272,15 +316,13 @@ def _scheduled_stages(config: ml_collections.ConfigDict) -> list[tuple[str, Any,
   """(field, optim config, "pretrain" or "train", only upsampled, message prefix) of every
   stage the run trains (a stage that is loaded or skipped has no schedule to check)."""
   sweep = "sweep" in config
-  methods = [METHODS[m] for m in (p.strip() for p in str(config.distill.methods).split(","))
-             if m in METHODS]
+  methods = [get_method(m) for m in _method_names(config) if m in method_names()]
   upsample = config.distill.reweight == "upsample"
   if sweep:  # run_sweep trains the students of its variants (sweep.method)
-    from dett_jax.sweep import method_of, parse_subset, variant_config, variants
-    if config.sweep.get("method", "dett") not in METHODS:
+    if config.sweep.method not in method_names():
       return []  # check_sweep names it
     axes = {name: tuple(values) for name, values in config.sweep.axes.items()}
-    selected = variants(axes, parse_subset(config.sweep.get("subset", "")))
+    selected = variants(axes, parse_subset(config.sweep.subset))
     students = [method_of(config, v) for v in selected]
     t_ids = sorted({int(variant_config(config, v).identification.epochs)
                     for v in selected if method_of(config, v).reweight})
@@ -289,9 +331,9 @@ def _scheduled_stages(config: ml_collections.ConfigDict) -> list[tuple[str, Any,
     t_ids = [config.identification.epochs] if any(m.reweight for m in methods) else []
   stages = []
   if config.pretrain.enabled:
-    if not config.teacher.checkpoint and not config.teacher.get("init"):
+    if not config.teacher.checkpoint and not config.teacher.init:
       stages.append(("pretrain.teacher", config.pretrain.teacher, "pretrain", False, ""))
-    if students and not config.student.get("init"):
+    if students and not config.student.init:
       stages.append(("pretrain.student", config.pretrain.student, "pretrain", False, ""))
   if not config.teacher.checkpoint:
     stages.append(("teacher.optim", config.teacher.optim, "train", False, ""))
@@ -323,8 +365,11 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
   """Refuses a workdir that holds results of a different config; records the config otherwise.
 
   With several processes, process 0 writes `config.json` and the others wait for it,
-  then check that their config is the same as process 0's.
+  then check that their config is the same as process 0's. Both configs are compared
+  completed (`config_schema.complete`): a field the schema added since the stored config
+  was written counts as its default there, and `config.json` records the completed config.
   """
+  config = complete(config)
   path = os.path.join(workdir, "config.json")
   current = {k: v for k, v in _flatten(json.loads(config.to_json())).items()
              if not _non_result(k)}
@@ -350,10 +395,14 @@ def _non_result(key: str) -> bool:
 
 
 def _stored_config(path: str) -> dict[str, Any] | None:
+  """The flattened result fields of a stored `config.json`, completed by the schema (fields
+  it lacks at their defaults; fields the schema no longer declares kept)."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return {k: v for k, v in _flatten(json.load(f)).items() if not _non_result(k)}
+    stored = json.load(f)
+  stored = json.loads(complete(ml_collections.ConfigDict(stored), strict=False).to_json())
+  return {k: v for k, v in _flatten(stored).items() if not _non_result(k)}
 
 
 def _differing(stored: dict[str, Any], current: dict[str, Any]) -> str:

@@ -1,42 +1,45 @@
-"""DeTT inside a minimal hand-written Flax Linen training loop.
+"""DeTT as a loss in a hand-written Flax Linen loop (`flax.training.train_state.TrainState`).
 
-Only the public `dett_jax` API is used (plus jax, flax, optax, grain and numpy): no
-trainer, no config system. The loop has its own optimizer (optax AdamW with a cosine
-schedule), its own grain input pipeline and its own evaluation.
+Only the public `dett_jax` API is used (plus jax, flax, optax and numpy): no trainer, no
+config system. The DeTT step is the loop's own: `jax.value_and_grad` of
+`dett_jax.dett_loss`, then Flax's `TrainState.apply_gradients`, with an optax AdamW and
+cosine schedule of its own.
 
   python examples/custom_loop_linen.py              # everything from scratch (< 1 min on a CPU)
   python examples/custom_loop_linen.py --steps 4    # quick smoke run
   python examples/custom_loop_linen.py --run runs/demo   # the teacher, pretrained student and
                                                          # error set of a train.py run
 
-Without `--run` the example first makes its own debiased teacher: a ResNet trained by
-ERM on the biased training split, whose head is then refit by DFR on the validation split.
-The ERM teacher also serves as the identification model: its training errors are the
-error set. With `--run DIR` (a finished `python train.py --workdir DIR` run), the
-teacher (`teacher_erm` + `teacher_dfr`, or `teacher_gdro`), the pretrained student
-backbone and the error set (`identification`) come from that run, and the data, seed and
-distillation settings from its `config.json`, so the result can be compared with the run's
-`student_dett`.
+Without `--run` the example first makes its own error set (the training mistakes of a
+briefly trained ERM model of the student's architecture) and a debiased teacher without
+group labels (JTT: ERM on the training set with the error set upsampled). With `--run DIR`
+(a finished `python train.py --workdir DIR` run), the teacher (`teacher_erm` +
+`teacher_dfr`, or `teacher_gdro`), the pretrained student backbone and the error set
+(`identification`) come from that run, and the data, seed and distillation settings from
+its `config.json`; the loop then draws train.py's batches and initial projector, so the
+result can be compared with the run's `student_dett` (benchmarks/examples_match.py).
 
 Then DeTT: the student ResNet (no head of its own) plus a projector learn to match the
 teacher's last-stage feature map on the upsampled training set; the student predicts
-with the teacher's (DFR) head, transplanted and frozen. The last line printed is JSON.
+with the teacher's head, transplanted and frozen. The last line printed is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training import train_state
 
 import dett_jax
 
@@ -66,85 +69,22 @@ def init_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
-# ---------------------------------------------------------------------------
-# Data: a grain pipeline of our own, with DeTT's upsampling.
-# ---------------------------------------------------------------------------
-
-class LoadExample(grain.transforms.RandomMap):
-  """Training-set index -> augmented example (uint8 image, label)."""
-
-  def __init__(self, split: dett_jax.Split, preprocess: dett_jax.Preprocess, augment: bool):
-    self.split, self.preprocess, self.augment = split, preprocess, augment
-
-  def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    image = self.split.images[int(index)]
-    image = self.preprocess.train(image, rng) if self.augment else self.preprocess.eval(image)
-    return {"image": image, "label": self.split.labels[int(index)]}
+def train_py_seed(config: dict[str, Any], *names: str) -> int:
+  """The seed train.py draws `names` from: a stable hash of the run seed and the names."""
+  text = "/".join([str(int(config["seed"])), *names])
+  return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % 2**31
 
 
-def train_batches(split: dett_jax.Split, preprocess: dett_jax.Preprocess, *, batch_size: int,
-                  seed: int, epoch: int, augment: bool, error_set: np.ndarray | None = None,
-                  lambda_up: int = 1, as_train_py: bool = False) -> grain.MapDataset:
-  """One epoch of batches: error-set examples repeated `lambda_up` times, shuffled by epoch.
-
-  `as_train_py`: the batches train.py draws for the same seed (the library's pipeline,
-  `dett_jax.train_epoch`), so that this loop and a train.py run can be compared.
-  """
-  if as_train_py:
-    index_list = dett_jax.upsampled_indices(len(split), error_set, lambda_up)
-    return dett_jax.train_epoch(split, index_list, global_batch_size=batch_size, epoch=epoch,
-                                seed=seed, preprocess=preprocess, augment_images=augment)
-  examples = dett_jax.upsample(grain.MapDataset.range(len(split)), error_set, lambda_up)
-  return (examples.seed(seed * 1000 + epoch).shuffle()
-          .random_map(LoadExample(split, preprocess, augment))
-          .batch(batch_size, drop_remainder=True)
-          .map(lambda b: {**b, "image": preprocess.normalize(b["image"])}))
+def cosine_schedule(peak: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+  """Linear warmup from 0 (none: one step at the peak), then cosine decay to 0: train.py's."""
+  return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else peak, peak,
+                                            max(warmup_steps, 1), total_steps)
 
 
-def cosine_schedule(peak: float, total_steps: int) -> optax.Schedule:
-  """Cosine decay from `peak` to 0 (after one step at the peak, as train.py's schedule)."""
-  return optax.warmup_cosine_decay_schedule(peak, peak, 1, total_steps)
+class TrainState(train_state.TrainState):
+  """Flax's train state, plus the BatchNorm statistics that `dett_loss` updates."""
 
-
-def eval_batches(split: dett_jax.Split, preprocess: dett_jax.Preprocess,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Every example once, in order, in fixed-size batches (padding has mask 0)."""
-  images = preprocess.normalize(np.stack([preprocess.eval(im) for im in split.images]))
-  for start in range(0, len(split), batch_size):
-    index = np.arange(start, start + batch_size)
-    mask = (index < len(split)).astype(np.float32)
-    index = np.minimum(index, len(split) - 1)
-    yield {"image": images[index], "label": split.labels[index], "group": split.groups[index],
-           "mask": mask}
-
-
-def per_example(fn: Any, split: dett_jax.Split, preprocess: dett_jax.Preprocess,
-                batch_size: int) -> np.ndarray:
-  """`fn(images)` for every example of `split`, in order, `[n, ...]`."""
-  outputs = [np.asarray(fn(b["image"])) for b in eval_batches(split, preprocess, batch_size)]
-  return np.concatenate(outputs)[:len(split)]
-
-
-# ---------------------------------------------------------------------------
-# Evaluation: per-group accuracy.
-# ---------------------------------------------------------------------------
-
-def group_counts(logits: jax.Array, batch: dict[str, jax.Array], num_groups: int) -> dict:
-  """Per-group numbers of correct predictions and of examples in one batch (on device)."""
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return {"correct": dett_jax.group_sums(correct, batch["group"], batch["mask"], num_groups),
-          "count": dett_jax.group_sums(jnp.ones_like(correct), batch["group"], batch["mask"],
-                                       num_groups)}
-
-
-def evaluate(batch_sums: Any, split: dett_jax.Split, preprocess: dett_jax.Preprocess,
-             train_counts: np.ndarray, name: str, batch_size: int = 256) -> dict[str, float]:
-  """Group metrics on `split` (keys "<name>/..."), from `batch_sums(batch)` (`group_counts`)."""
-  accumulator = dett_jax.GroupAccumulator()
-  for batch in eval_batches(split, preprocess, batch_size):
-    accumulator.update(**jax.device_get(batch_sums(batch)))
-  totals = accumulator.totals()
-  return dett_jax.group_accuracy_metrics(totals["correct"], totals["count"], train_counts, split=name)
+  collections: Any = None
 
 
 # ---------------------------------------------------------------------------
@@ -158,6 +98,9 @@ def from_run(run_dir: str) -> dict[str, Any]:
   if config["distill"].get("reweight", "upsample") != "upsample":
     raise SystemExit(f"{run_dir} reweights by loss weights; this example upsamples (train.py's "
                      "default distill.reweight=upsample)")
+  if config["distill"]["optim"].get("optimizer", "adamw") != "adamw":
+    raise SystemExit(f"{run_dir} distils with {config['distill']['optim']['optimizer']}; this "
+                     "example's optimizer is AdamW (train.py's default)")
   with open(os.path.join(run_dir, "identification", "error_set.json")) as f:
     error_set = np.asarray(json.load(f)["error_set"], np.int64)
   # The distilled teacher (distill.teacher): DFR's head on the ERM backbone, or a group-DRO
@@ -192,14 +135,15 @@ def train_erm(model: Any, variables: dict[str, Any], split: dett_jax.Split,
       return loss, updates["batch_stats"]
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+    return optax.apply_updates(params, updates), batch_stats, opt_state
 
   step, epoch = 0, 0
   while step < steps:
-    for batch in train_batches(split, preprocess, batch_size=config["batch_size"], seed=seed,
-                               epoch=epoch, augment=config["augment"], error_set=error_set,
-                               lambda_up=lambda_up):
-      params, batch_stats, opt_state, loss = erm_step(params, batch_stats, opt_state, batch)
+    for batch in dett_jax.epoch_batches(split, batch_size=config["batch_size"], epoch=epoch,
+                                        seed=seed, error_set=error_set, lambda_up=lambda_up,
+                                        preprocess=preprocess, augment=config["augment"]):
+      params, batch_stats, opt_state = erm_step(params, batch_stats, opt_state,
+                                                {"image": batch["image"], "label": batch["label"]})
       step += 1
       if step == steps:
         break
@@ -221,7 +165,8 @@ def make_teacher(config: dict[str, Any], splits: dict[str, dett_jax.Split],
                       steps(config["identification"]["steps"]),
                       config["identification"]["learning_rate"], seed + 4)
   predict_id = jax.jit(lambda x: id_model.apply(id_vars, x, train=False)["logits"])
-  error_set = dett_jax.find_error_set(per_example(predict_id, train, preprocess, 256), train.labels)
+  error_set = dett_jax.find_error_set(
+      dett_jax.split_outputs(predict_id, train, preprocess=preprocess), train.labels)
   # 2. A debiased teacher without group labels: JTT (ERM on the upsampled training set).
   arch = config["teacher"]
   teacher = dett_jax.create_resnet(arch["depth"], train.num_classes, arch["width"], arch["stem"])
@@ -238,7 +183,7 @@ def make_teacher(config: dict[str, Any], splits: dict[str, dett_jax.Split],
 
 
 # ---------------------------------------------------------------------------
-# DeTT.
+# DeTT: dett_loss under jax.value_and_grad, Flax's TrainState.apply_gradients.
 # ---------------------------------------------------------------------------
 
 def distill(config: dict[str, Any], splits: dict[str, dett_jax.Split],
@@ -248,90 +193,91 @@ def distill(config: dict[str, Any], splits: dict[str, dett_jax.Split],
   train, settings = splits["train"], config["distill"]
   optim, seed, size = settings["optim"], config["seed"], config["data"]["image_size"]
   batch_size = optim.get("batch_size") or config["batch_size"]
-  augment = optim.get("augment", config["augment"])
+  augment = config["augment"] if optim.get("augment") is None else optim["augment"]
   teacher = dett_jax.create_resnet(config["teacher"]["depth"], train.num_classes,
                                    config["teacher"]["width"], config["teacher"]["stem"])
   student = dett_jax.create_resnet(config["student"]["depth"], None, config["student"]["width"],
                                    config["student"]["stem"])   # no head: it gets the teacher's
-  images = jnp.zeros((1, size, size, 3))
-  student_vars = inputs["student_vars"]
-  teacher_vars, frozen = inputs["teacher_vars"], {"teacher": inputs["teacher_vars"],
-                                                  "head": inputs["head"]}
+  frozen = {"teacher": inputs["teacher_vars"], "head": inputs["head"]}
 
-  def student_fn(params, batch_stats, images, train):
-    variables = {"params": params, "batch_stats": batch_stats}
+  def student_fn(params, collections, images, train, rng):
+    """The student's feature map and its new BatchNorm statistics (`dett_loss`'s student)."""
+    variables = {"params": params, **collections}
     if not train:
-      return student.apply(variables, images, train=False)["feature_map"], batch_stats
-    out, updates = student.apply(variables, images, train=True, mutable=["batch_stats"])
-    return out["feature_map"], updates["batch_stats"]
+      return student.apply(variables, images, train=False)["feature_map"], collections
+    out, collections = student.apply(variables, images, train=True, mutable=["batch_stats"])
+    return out["feature_map"], collections
 
   def teacher_fn(variables, images):
     return teacher.apply(variables, images, train=False)["feature_map"]
 
-  teacher_map = jax.eval_shape(teacher_fn, teacher_vars, images)
-  student_map = jax.eval_shape(lambda v: student_fn(v["params"], v["batch_stats"], images, False)[0],
-                               student_vars)
+  images = jnp.zeros((1, size, size, 3))
+  student_vars = inputs["student_vars"]
+  teacher_map = jax.eval_shape(teacher_fn, inputs["teacher_vars"], images)
+  student_map = jax.eval_shape(lambda p, c: student_fn(p, c, images, False, None)[0],
+                               student_vars["params"], {"batch_stats": student_vars["batch_stats"]})
   projector = dett_jax.Projector(settings["projector"], teacher_map.shape[-1],
                                  settings["projector_factor"])
-  # train.py's seed for its dett student; with --run the projector starts as there.
-  stage_seed = seed * 1000 + 10
-  projector_vars = jax.jit(projector.init)(jax.random.key(stage_seed), jnp.zeros(student_map.shape))
+  if inputs["from_run"]:   # train.py's data order and initial projector for its dett student
+    data_seed = train_py_seed(config, "student_dett", "data")
+    key = jax.random.split(jax.random.key(train_py_seed(config, "student_dett", "init")))[1]
+  else:
+    data_seed, key = seed + 10, init_key(seed + 5)
+  projector_vars = jax.jit(projector.init)(key, jnp.zeros(student_map.shape))
   params = {"student": student_vars["params"], "projector": projector_vars["params"]}
-  model_state = {"student": student_vars["batch_stats"],
-                 "projector": projector_vars.get("batch_stats", {})}
+  collections = {"student": {"batch_stats": student_vars["batch_stats"]},
+                 "projector": {k: v for k, v in projector_vars.items() if k != "params"}}
 
   lambda_up = int(settings["lambda_up"])
-  epoch_size = len(dett_jax.upsampled_indices(len(train), inputs["error_set"], lambda_up))
-  steps_per_epoch = epoch_size // batch_size
+  epoch_batches = functools.partial(dett_jax.epoch_batches, train, batch_size=batch_size,
+                                    seed=data_seed, error_set=inputs["error_set"],
+                                    lambda_up=lambda_up, preprocess=preprocess, augment=augment)
+  steps_per_epoch = len(epoch_batches(epoch=0))
   total_steps = max_steps or optim["epochs"] * steps_per_epoch
-  tx = optax.adamw(cosine_schedule(optim["learning_rate"], total_steps),
+  warmup_steps = int(optim.get("warmup_epochs", 0) * steps_per_epoch)
+  tx = optax.adamw(cosine_schedule(optim["learning_rate"], total_steps, warmup_steps),
                    weight_decay=optim["weight_decay"])
-  state = dett_jax.DeTTState.create(params, model_state, tx)
-  step = jax.jit(dett_jax.make_dett_step(student_fn, tx, projector=projector,
-                                         teacher_fn=teacher_fn, match=settings["match"]),
-                 donate_argnums=0)
-  predict = dett_jax.make_dett_predict(student_fn, projector)
+  state = TrainState.create(apply_fn=student.apply, params=params, tx=tx, collections=collections)
+
+  # The DeTT step: the public loss, differentiated and applied by the loop itself.
+  loss_fn = functools.partial(dett_jax.dett_loss, student_fn=student_fn, projector=projector,
+                              teacher_fn=teacher_fn, match=settings["match"])
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, jax.Array]:
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.collections, batch, frozen)
+    return state.apply_gradients(grads=grads, collections=aux["collections"]), loss
+
+  predict = jax.jit(dett_jax.make_dett_predict(student_fn, projector))
   train_counts = train.group_counts()
 
-  @jax.jit
-  def eval_sums(params, model_state, frozen, batch):
-    return group_counts(predict(params, model_state, batch["image"], frozen), batch,
-                        len(train_counts))
+  def evaluate(params, collections, split):
+    return dett_jax.evaluate_groups(lambda x: predict(params, collections, x, frozen),
+                                    splits[split], train_counts, name=split, preprocess=preprocess)
 
-  def val_metrics(state):
-    return evaluate(lambda b: eval_sums(state.params, state.model_state, frozen, b),
-                    splits["val"], preprocess, train_counts, "val")
-
-  best, history = None, []
+  best = None
   for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-    batches = train_batches(train, preprocess, batch_size=batch_size, seed=stage_seed,
-                            epoch=epoch, augment=augment, error_set=inputs["error_set"],
-                            lambda_up=lambda_up, as_train_py=inputs["from_run"])
-    for batch in batches:
-      state, metrics = step(state, batch, frozen)
+    for batch in epoch_batches(epoch=epoch):
+      state, loss = train_step(state, {"image": batch["image"], "label": batch["label"]}, frozen)
       if int(state.step) == total_steps:
         break
-    record = {"epoch": epoch + 1, "step": int(state.step), "loss": float(metrics["loss"]),
-              **val_metrics(state)}
-    history.append(record)
+    record = {"epoch": epoch + 1, "step": int(state.step), "loss": float(loss),
+              **evaluate(state.params, state.collections, "val")}
     print(f"epoch {epoch + 1}: step {record['step']}, feature loss {record['loss']:.4f}, "
           f"val worst group {record['val/worst_group_acc']:.3f}", flush=True)
     # Model selection by validation worst-group accuracy (or the last epoch).
     if (best is None or settings["select"] != "val_worst_group"
         or record["val/worst_group_acc"] > best[0]["val/worst_group_acc"]):
-      best = (record, jax.tree.map(jnp.copy, (state.params, state.model_state)))
-  record, (params, model_state) = best
-  test = evaluate(lambda b: eval_sums(params, model_state, frozen, b), splits["test"],
-                  preprocess, train_counts, "test")
+      best = (record, jax.tree.map(jnp.copy, (state.params, state.collections)))
+  record, (params, collections) = best
+  test = evaluate(params, collections, "test")
 
   # The teacher with the same head, for comparison: DeTT should land close to it.
-  @jax.jit
-  def teacher_sums(frozen, batch):
-    features = teacher.apply(frozen["teacher"], batch["image"], train=False)["features"]
-    return group_counts(dett_jax.dense_apply(frozen["head"], features), batch, len(train_counts))
-
-  teacher_test = evaluate(lambda b: teacher_sums(frozen, b), splits["test"], preprocess,
-                          train_counts, "test")
+  teacher_logits = jax.jit(lambda x: dett_jax.dense_apply(
+      frozen["head"], teacher.apply(frozen["teacher"], x, train=False)["features"]))
+  teacher_test = dett_jax.evaluate_groups(teacher_logits, splits["test"], train_counts,
+                                          name="test", preprocess=preprocess)
   return {**{k: v for k, v in record.items() if k.startswith("val/")}, **test,
           "teacher/test/worst_group_acc": teacher_test["test/worst_group_acc"],
           "teacher/test/avg_acc": teacher_test["test/avg_acc"],

@@ -1,8 +1,9 @@
-"""DeTT with Flax NNX student and teacher, in a hand-written training loop.
+"""DeTT as a loss in a Flax NNX loop (`nnx.Optimizer`), NNX student, projector and teacher.
 
-Only the public `dett_jax` API is used (plus jax, flax, optax, grain and numpy). The
-models are plain `nnx.Module`s; the ERM stages use idiomatic NNX (`nnx.Optimizer`,
-`nnx.jit`), and the DeTT step, being pure, sees the models through `nnx.split` /
+Only the public `dett_jax` API is used (plus jax, flax, optax and numpy). The models are
+plain `nnx.Module`s trained in place by `nnx.Optimizer` under `nnx.jit`; the DeTT step
+differentiates `dett_jax.dett_loss` with `jax.value_and_grad`, seeing the student (an NNX
+ResNet with a `dett_jax.NNXProjector` on top) as a pure function of its state through
 `nnx.merge`.
 
   python examples/nnx.py                    # everything from scratch (< 1 min on a CPU)
@@ -15,11 +16,12 @@ error set (its training mistakes); a JTT teacher (ERM on the upsampled training 
 the debiased teacher. With `--run DIR` (a finished `python train.py --workdir DIR` run),
 the teacher (`teacher_erm` + the `teacher_dfr` head, or `teacher_gdro` with
 distill.teacher=gdro), the pretrained student backbone and the error set come from that
-run, and data, seed and distillation settings from its `config.json`. The NNX ResNet below
-computes exactly what `dett_jax.create_resnet` computes, and its attribute names follow
-that model's parameter names, so train.py's checkpoints load by name.
+run, and data, seed and distillation settings from its `config.json`; the loop draws
+train.py's batches and initial projector. The NNX ResNet below computes exactly what
+`dett_jax.create_resnet` computes, and its attribute names follow that model's parameter
+names (as `NNXProjector`'s follow `Projector`'s), so train.py's checkpoints load by name.
 
-Then DeTT: the student (no head of its own) plus a projector learn to match the
+Then DeTT: the student (no head of its own) plus the projector learn to match the
 teacher's last-stage feature map on the upsampled training set; the student predicts
 with the teacher's head, transplanted and frozen. The last line printed is JSON.
 """
@@ -28,13 +30,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +108,7 @@ class ResNet(nnx.Module):
         block = BasicBlock(channels, base * 2**i, 2 if i > 0 and j == 0 else 1, rngs=rngs)
         setattr(self, f"BasicBlock_{self.num_blocks}", block)
         channels, self.num_blocks = base * 2**i, self.num_blocks + 1
+    self.num_features = channels
     self.head = nnx.Linear(channels, num_classes, rngs=rngs) if num_classes else None
 
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -127,8 +130,9 @@ def create_model(arch: dict[str, Any], num_classes: int | None, seed: int) -> Re
   return nnx.jit(lambda: ResNet(arch["depth"], num_classes, arch["width"], rngs=nnx.Rngs(key)))()
 
 
-def load_linen_variables(model: ResNet, variables: dict[str, Any]) -> ResNet:
-  """Copies `dett_jax.create_resnet` variables (e.g. saved by train.py) into `model`."""
+def load_linen_variables(model: nnx.Module, variables: dict[str, Any]) -> nnx.Module:
+  """Copies Linen variables (`{"params", "batch_stats"}` of `dett_jax.create_resnet` or
+  `dett_jax.Projector`, e.g. saved by train.py) into `model`, by name."""
 
   def merge(a: dict, b: dict) -> dict:  # params and batch_stats -> one tree per module
     out = dict(a)
@@ -137,7 +141,7 @@ def load_linen_variables(model: ResNet, variables: dict[str, Any]) -> ResNet:
     return out
 
   state = nnx.state(model)
-  tree = jax.device_put(merge(variables["params"], variables.get("batch_stats", {})))
+  tree = jax.device_put(merge(variables.get("params", {}), variables.get("batch_stats", {})))
   if len(jax.tree.leaves(tree)) != len(jax.tree.leaves(state)):
     raise ValueError(f"the variables have {len(jax.tree.leaves(tree))} arrays, the model "
                      f"{len(jax.tree.leaves(state))}: another architecture?")
@@ -146,74 +150,16 @@ def load_linen_variables(model: ResNet, variables: dict[str, Any]) -> ResNet:
   return model
 
 
-# ---------------------------------------------------------------------------
-# Data: a grain pipeline of our own, with DeTT's upsampling.
-# ---------------------------------------------------------------------------
-
-class LoadExample(grain.transforms.RandomMap):
-  """Training-set index -> augmented example (uint8 image, label)."""
-
-  def __init__(self, split: dett_jax.Split, preprocess: dett_jax.Preprocess, augment: bool):
-    self.split, self.preprocess, self.augment = split, preprocess, augment
-
-  def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    image = self.split.images[int(index)]
-    image = self.preprocess.train(image, rng) if self.augment else self.preprocess.eval(image)
-    return {"image": image, "label": self.split.labels[int(index)]}
+def train_py_seed(config: dict[str, Any], *names: str) -> int:
+  """The seed train.py draws `names` from: a stable hash of the run seed and the names."""
+  text = "/".join([str(int(config["seed"])), *names])
+  return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % 2**31
 
 
-def train_batches(split: dett_jax.Split, preprocess: dett_jax.Preprocess, *, batch_size: int,
-                  seed: int, epoch: int, augment: bool, error_set: np.ndarray | None = None,
-                  lambda_up: int = 1, as_train_py: bool = False) -> grain.MapDataset:
-  """One epoch of batches: error-set examples repeated `lambda_up` times, shuffled by epoch.
-
-  `as_train_py`: the batches train.py draws for the same seed (the library's pipeline,
-  `dett_jax.train_epoch`), so that this loop and a train.py run can be compared.
-  """
-  if as_train_py:
-    index_list = dett_jax.upsampled_indices(len(split), error_set, lambda_up)
-    return dett_jax.train_epoch(split, index_list, global_batch_size=batch_size, epoch=epoch,
-                                seed=seed, preprocess=preprocess, augment_images=augment)
-  examples = dett_jax.upsample(grain.MapDataset.range(len(split)), error_set, lambda_up)
-  return (examples.seed(seed * 1000 + epoch).shuffle()
-          .random_map(LoadExample(split, preprocess, augment))
-          .batch(batch_size, drop_remainder=True)
-          .map(lambda b: {**b, "image": preprocess.normalize(b["image"])}))
-
-
-def cosine_schedule(peak: float, total_steps: int) -> optax.Schedule:
-  """Cosine decay from `peak` to 0 (after one step at the peak, as train.py's schedule)."""
-  return optax.warmup_cosine_decay_schedule(peak, peak, 1, total_steps)
-
-
-def eval_batches(split: dett_jax.Split, preprocess: dett_jax.Preprocess,
-                 batch_size: int = 256) -> Iterator[dict[str, np.ndarray]]:
-  """Every example once, in order, in fixed-size batches (padding has mask 0)."""
-  images = preprocess.normalize(np.stack([preprocess.eval(im) for im in split.images]))
-  for start in range(0, len(split), batch_size):
-    index = np.arange(start, start + batch_size)
-    mask = (index < len(split)).astype(np.float32)
-    index = np.minimum(index, len(split) - 1)
-    yield {"image": images[index], "label": split.labels[index], "group": split.groups[index],
-           "mask": mask}
-
-
-def group_counts(logits: jax.Array, batch: dict[str, jax.Array], num_groups: int) -> dict:
-  """Per-group numbers of correct predictions and of examples in one batch (on device)."""
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return {"correct": dett_jax.group_sums(correct, batch["group"], batch["mask"], num_groups),
-          "count": dett_jax.group_sums(jnp.ones_like(correct), batch["group"], batch["mask"],
-                                       num_groups)}
-
-
-def evaluate(batch_sums: Any, split: dett_jax.Split, preprocess: dett_jax.Preprocess,
-             train_counts: np.ndarray, name: str) -> dict[str, float]:
-  """Group metrics on `split` (keys "<name>/..."), from `batch_sums(batch)` (`group_counts`)."""
-  accumulator = dett_jax.GroupAccumulator()
-  for batch in eval_batches(split, preprocess):
-    accumulator.update(**jax.device_get(batch_sums(batch)))
-  totals = accumulator.totals()
-  return dett_jax.group_accuracy_metrics(totals["correct"], totals["count"], train_counts, split=name)
+def cosine_schedule(peak: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+  """Linear warmup from 0 (none: one step at the peak), then cosine decay to 0: train.py's."""
+  return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else peak, peak,
+                                            max(warmup_steps, 1), total_steps)
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +173,9 @@ def from_run(run_dir: str) -> dict[str, Any]:
   if config["distill"].get("reweight", "upsample") != "upsample":
     raise SystemExit(f"{run_dir} reweights by loss weights; this example upsamples (train.py's "
                      "default distill.reweight=upsample)")
+  if config["distill"]["optim"].get("optimizer", "adamw") != "adamw":
+    raise SystemExit(f"{run_dir} distils with {config['distill']['optim']['optimizer']}; this "
+                     "example's optimizer is AdamW (train.py's default)")
   with open(os.path.join(run_dir, "identification", "error_set.json")) as f:
     error_set = np.asarray(json.load(f)["error_set"], np.int64)
   num_classes = config["data"].get("num_classes", 2)
@@ -268,10 +217,10 @@ def train_erm(model: ResNet, split: dett_jax.Split, preprocess: dett_jax.Preproc
 
   step, epoch = 0, 0
   while step < steps:
-    for batch in train_batches(split, preprocess, batch_size=config["batch_size"], seed=seed,
-                               epoch=epoch, augment=config["augment"], error_set=error_set,
-                               lambda_up=lambda_up):
-      erm_step(model, optimizer, batch)
+    for batch in dett_jax.epoch_batches(split, batch_size=config["batch_size"], epoch=epoch,
+                                        seed=seed, error_set=error_set, lambda_up=lambda_up,
+                                        preprocess=preprocess, augment=config["augment"]):
+      erm_step(model, optimizer, {"image": batch["image"], "label": batch["label"]})
       step += 1
       if step == steps:
         break
@@ -292,9 +241,9 @@ def make_teacher(config: dict[str, Any], splits: dict[str, dett_jax.Split],
   id_model = train_erm(id_model, train, preprocess, config, steps(config["identification"]["steps"]),
                        config["identification"]["learning_rate"], seed + 4)
   logits = nnx.jit(lambda model, images: model(images, train=False)["logits"])
-  predictions = np.concatenate([np.asarray(logits(id_model, b["image"]))
-                                for b in eval_batches(train, preprocess)])[:len(train)]
-  error_set = dett_jax.find_error_set(predictions, train.labels)
+  error_set = dett_jax.find_error_set(
+      dett_jax.split_outputs(lambda x: logits(id_model, x), train, preprocess=preprocess),
+      train.labels)
   # 2. A debiased teacher without group labels: JTT (ERM on the upsampled training set).
   arch = config["teacher"]
   teacher = train_erm(create_model(arch, train.num_classes, seed + 1), train, preprocess, config,
@@ -308,8 +257,19 @@ def make_teacher(config: dict[str, Any], splits: dict[str, dett_jax.Split],
 
 
 # ---------------------------------------------------------------------------
-# DeTT, through nnx.split / nnx.merge.
+# DeTT: dett_loss under jax.value_and_grad, nnx.Optimizer.update.
 # ---------------------------------------------------------------------------
+
+class Student(nnx.Module):
+  """The student backbone and the projector: images -> the student's map in the teacher's
+  feature space (what DeTT matches to the teacher's map)."""
+
+  def __init__(self, backbone: ResNet, projector: dett_jax.NNXProjector):
+    self.backbone, self.projector = backbone, projector
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return self.projector(self.backbone(x, train)["feature_map"], train)
+
 
 def distill(config: dict[str, Any], splits: dict[str, dett_jax.Split],
             preprocess: dett_jax.Preprocess, inputs: dict[str, Any],
@@ -318,88 +278,97 @@ def distill(config: dict[str, Any], splits: dict[str, dett_jax.Split],
   train, settings = splits["train"], config["distill"]
   optim, seed = settings["optim"], config["seed"]
   batch_size = optim.get("batch_size") or config["batch_size"]
-  augment = optim.get("augment", config["augment"])
+  augment = config["augment"] if optim.get("augment") is None else optim["augment"]
+  teacher, head = inputs["teacher"], inputs["head"]
+  kind, in_channels = settings["projector"], inputs["student"].num_features
+  if inputs["from_run"]:   # train.py's data order and initial projector for its dett student
+    data_seed = train_py_seed(config, "student_dett", "data")
+    key = jax.random.split(jax.random.key(train_py_seed(config, "student_dett", "init")))[1]
+    linen = dett_jax.Projector(kind, teacher.num_features, settings["projector_factor"])
+    projector = load_linen_variables(
+        nnx.eval_shape(lambda: dett_jax.NNXProjector(kind, in_channels, teacher.num_features,
+                                                     settings["projector_factor"],
+                                                     rngs=nnx.Rngs(0))),
+        jax.jit(linen.init)(key, jnp.zeros((1, 1, 1, in_channels))))
+  else:
+    data_seed, key = seed + 10, jax.random.key(seed + 5, impl="rbg")
+    projector = nnx.jit(lambda: dett_jax.NNXProjector(
+        kind, in_channels, teacher.num_features, settings["projector_factor"],
+        rngs=nnx.Rngs(key)))()
+  student = Student(inputs["student"], projector)
 
-  # The models as pure functions of their state.
-  student_def, student_params, student_stats = nnx.split(inputs["student"], nnx.Param, nnx.BatchStat)
-  teacher_def, teacher_state = nnx.split(inputs["teacher"])
+  # dett_loss sees the models as pure functions of their state (projector=None: the
+  # projector is part of the student).
+  student_def, teacher_def = nnx.graphdef(student), nnx.graphdef(teacher)
 
-  def student_fn(params, batch_stats, images, train):
+  def student_fn(params, batch_stats, images, train, rng):
     model = nnx.merge(student_def, params, batch_stats)
-    feature_map = model(images, train=train)["feature_map"]
-    return feature_map, nnx.state(model, nnx.BatchStat)   # BatchNorm statistics, updated
+    return model(images, train=train), nnx.state(model, nnx.BatchStat)
 
   def teacher_fn(teacher_state, images):
     return nnx.merge(teacher_def, teacher_state)(images, train=False)["feature_map"]
 
-  size = config["data"]["image_size"]
-  images = jnp.zeros((1, size, size, 3))
-  teacher_map = jax.eval_shape(teacher_fn, teacher_state, images)
-  student_map = jax.eval_shape(lambda p, s: student_fn(p, s, images, False)[0],
-                               student_params, student_stats)
-  projector = dett_jax.Projector(settings["projector"], teacher_map.shape[-1],
-                                 settings["projector_factor"])
-  # train.py's seed for its dett student; with --run the projector starts as there.
-  stage_seed = seed * 1000 + 10
-  projector_vars = jax.jit(projector.init)(jax.random.key(stage_seed), jnp.zeros(student_map.shape))
-  params = {"student": student_params, "projector": projector_vars["params"]}
-  model_state = {"student": student_stats, "projector": projector_vars.get("batch_stats", {})}
-  frozen = {"teacher": teacher_state, "head": inputs["head"]}
+  loss_fn = functools.partial(dett_jax.dett_loss, student_fn=student_fn, teacher_fn=teacher_fn,
+                              match=settings["match"])
+  frozen = {"teacher": nnx.state(teacher), "head": head}
 
   lambda_up = int(settings["lambda_up"])
-  epoch_size = len(dett_jax.upsampled_indices(len(train), inputs["error_set"], lambda_up))
-  steps_per_epoch = epoch_size // batch_size
+  epoch_batches = functools.partial(dett_jax.epoch_batches, train, batch_size=batch_size,
+                                    seed=data_seed, error_set=inputs["error_set"],
+                                    lambda_up=lambda_up, preprocess=preprocess, augment=augment)
+  steps_per_epoch = len(epoch_batches(epoch=0))
   total_steps = max_steps or optim["epochs"] * steps_per_epoch
-  tx = optax.adamw(cosine_schedule(optim["learning_rate"], total_steps),
+  warmup_steps = int(optim.get("warmup_epochs", 0) * steps_per_epoch)
+  tx = optax.adamw(cosine_schedule(optim["learning_rate"], total_steps, warmup_steps),
                    weight_decay=optim["weight_decay"])
-  state = dett_jax.DeTTState.create(params, model_state, tx)
-  step = jax.jit(dett_jax.make_dett_step(student_fn, tx, projector=projector,
-                                         teacher_fn=teacher_fn, match=settings["match"]),
-                 donate_argnums=0)
-  predict = dett_jax.make_dett_predict(student_fn, projector)
+  optimizer = nnx.Optimizer(student, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(student: Student, optimizer: nnx.Optimizer, batch: dict, frozen: dict) -> jax.Array:
+    params, batch_stats = nnx.state(student, nnx.Param), nnx.state(student, nnx.BatchStat)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        {"student": params}, {"student": batch_stats}, batch, frozen)
+    nnx.update(student, aux["collections"]["student"])   # the new BatchNorm statistics
+    optimizer.update(student, grads["student"])
+    return loss
+
+  @nnx.jit
+  def predict(student: Student, images: jax.Array) -> jax.Array:
+    return dett_jax.transplanted_logits(head, student(images, train=False))
+
   train_counts = train.group_counts()
-
-  @jax.jit
-  def eval_sums(params, model_state, frozen, batch):
-    return group_counts(predict(params, model_state, batch["image"], frozen), batch,
-                        len(train_counts))
-
-  best = None
+  evaluate = lambda model, split: dett_jax.evaluate_groups(
+      lambda x: predict(model, x), splits[split], train_counts, name=split, preprocess=preprocess)
+  best, step = None, 0
   for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-    for batch in train_batches(train, preprocess, batch_size=batch_size, seed=stage_seed,
-                               epoch=epoch, augment=augment, error_set=inputs["error_set"],
-                               lambda_up=lambda_up, as_train_py=inputs["from_run"]):
-      state, metrics = step(state, batch, frozen)
-      if int(state.step) == total_steps:
+    for batch in epoch_batches(epoch=epoch):
+      loss = train_step(student, optimizer, {"image": batch["image"], "label": batch["label"]},
+                        frozen)
+      step += 1
+      if step == total_steps:
         break
-    record = {"epoch": epoch + 1, "step": int(state.step), "loss": float(metrics["loss"]),
-              **evaluate(lambda b: eval_sums(state.params, state.model_state, frozen, b),
-                         splits["val"], preprocess, train_counts, "val")}
+    record = {"epoch": epoch + 1, "step": step, "loss": float(loss), **evaluate(student, "val")}
     print(f"epoch {epoch + 1}: step {record['step']}, feature loss {record['loss']:.4f}, "
           f"val worst group {record['val/worst_group_acc']:.3f}", flush=True)
     # Model selection by validation worst-group accuracy (or the last epoch).
     if (best is None or settings["select"] != "val_worst_group"
         or record["val/worst_group_acc"] > best[0]["val/worst_group_acc"]):
-      best = (record, jax.tree.map(jnp.copy, (state.params, state.model_state)))
-  record, (params, model_state) = best
-  # Back to a stateful NNX student, e.g. to save or to use elsewhere.
-  student = nnx.merge(student_def, params["student"], model_state["student"])
-  test = evaluate(lambda b: eval_sums(params, model_state, frozen, b), splits["test"],
-                  preprocess, train_counts, "test")
+      best = (record, nnx.clone(student))
+  record, student = best
+  test = evaluate(student, "test")
 
-  @nnx.jit
-  def teacher_sums(teacher: ResNet, head: dict, batch: dict) -> dict:
-    features = teacher(batch["image"], train=False)["features"]
-    return group_counts(dett_jax.dense_apply(head, features), batch, len(train_counts))
-
-  teacher_test = evaluate(lambda b: teacher_sums(inputs["teacher"], inputs["head"], b),
-                          splits["test"], preprocess, train_counts, "test")
+  # The teacher with the same head, for comparison: DeTT should land close to it.
+  teacher_logits = nnx.jit(lambda teacher, x: dett_jax.dense_apply(
+      head, teacher(x, train=False)["features"]))
+  teacher_test = dett_jax.evaluate_groups(lambda x: teacher_logits(teacher, x), splits["test"],
+                                          train_counts, name="test", preprocess=preprocess)
   return {**{k: v for k, v in record.items() if k.startswith("val/")}, **test,
           "teacher/test/worst_group_acc": teacher_test["test/worst_group_acc"],
           "teacher/test/avg_acc": teacher_test["test/avg_acc"],
-          "selected_epoch": record["epoch"], "steps": int(state.step),
+          "selected_epoch": record["epoch"], "steps": step,
           "error_set_size": int(len(inputs["error_set"])),
-          "student_parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(student, nnx.Param))))}
+          "student_parameters": int(sum(x.size for x in jax.tree.leaves(
+              nnx.state(student.backbone, nnx.Param))))}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

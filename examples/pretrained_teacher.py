@@ -15,10 +15,11 @@ teacher briefly and saves it to a temporary directory first.
 
 Then: the teacher's head is refit by DFR on the validation split (unless `--head` gives a
 debiased head), an identification model finds the error set, and the student is trained
-by DeTT. Here the transplanted head lives *inside* the student's parameter tree
-(`transplant_head`) and the optimizer freezes it (`freeze`); the input pipeline is the
-library's (`upsampled_indices` + `train_epoch`). Group metrics of the teacher (ERM and
-DFR heads) and of the student are printed; the last line is JSON.
+by DeTT with the ready-made guarded step `make_dett_step` (over `dett_loss`) and
+`dett_jax.TrainState`. Here the transplanted head lives *inside* the student's parameter
+tree (`transplant_head`) and the optimizer freezes it (`freeze`); the batches are the
+library's (`epoch_batches`, `evaluate_groups`). Group metrics of the teacher (ERM and DFR
+heads) and of the student are printed; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,52 +70,6 @@ def resnet_architecture(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Data: the library's pipeline (index lists, per-epoch shuffles, augmentation).
-# ---------------------------------------------------------------------------
-
-def epochs(split: dett_jax.Split, preprocess: dett_jax.Preprocess, index_list: np.ndarray,
-           batch_size: int, seed: int) -> Iterator[tuple[int, Any]]:
-  """(epoch, that epoch's batches) forever; each epoch reshuffles `index_list`."""
-  epoch = 0
-  while True:
-    yield epoch, dett_jax.train_epoch(split, index_list, global_batch_size=batch_size,
-                                      epoch=epoch, seed=seed, preprocess=preprocess)
-    epoch += 1
-
-
-def eval_batches(split: dett_jax.Split, preprocess: dett_jax.Preprocess,
-                 batch_size: int = 256) -> Iterator[dict[str, np.ndarray]]:
-  """Every example once, in order, in fixed-size batches (padding has mask 0)."""
-  images = preprocess.normalize(np.stack([preprocess.eval(im) for im in split.images]))
-  for start in range(0, len(split), batch_size):
-    index = np.arange(start, start + batch_size)
-    mask = (index < len(split)).astype(np.float32)
-    index = np.minimum(index, len(split) - 1)
-    yield {"image": images[index], "label": split.labels[index], "group": split.groups[index],
-           "mask": mask}
-
-
-def per_example(fn: Any, split: dett_jax.Split, preprocess: dett_jax.Preprocess) -> np.ndarray:
-  """`fn(images)` for every example of `split`, in order, `[n, ...]`."""
-  return np.concatenate([np.asarray(fn(b["image"])) for b in eval_batches(split, preprocess)]
-                        )[:len(split)]
-
-
-def group_metrics(logits_fn: Any, split: dett_jax.Split, preprocess: dett_jax.Preprocess,
-                  train_counts: np.ndarray, name: str) -> dict[str, float]:
-  """Group metrics of `logits_fn(images)` (a jitted function) on `split`."""
-  num_groups = len(train_counts)
-  accumulator = dett_jax.GroupAccumulator()
-  for batch in eval_batches(split, preprocess):
-    correct = np.argmax(np.asarray(logits_fn(batch["image"])), -1) == batch["label"]
-    accumulator.update(correct=dett_jax.group_sums(correct, batch["group"], batch["mask"], num_groups),
-                       count=dett_jax.group_sums(np.ones(len(correct)), batch["group"],
-                                                 batch["mask"], num_groups))
-  totals = accumulator.totals()
-  return dett_jax.group_accuracy_metrics(totals["correct"], totals["count"], train_counts, split=name)
-
-
-# ---------------------------------------------------------------------------
 # ERM (to write a teacher when none is given, and the identification model).
 # ---------------------------------------------------------------------------
 
@@ -137,15 +92,17 @@ def train_erm(model: Any, variables: dict[str, Any], split: dett_jax.Split,
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state
 
-  step = 0
-  for _, batches in epochs(split, preprocess, np.arange(len(split)), batch_size, seed):
-    for batch in batches:
+  step, epoch = 0, 0
+  while step < steps:
+    for batch in dett_jax.epoch_batches(split, batch_size=batch_size, epoch=epoch, seed=seed,
+                                        preprocess=preprocess):
       params, batch_stats, opt_state = erm_step(params, batch_stats, opt_state,
                                                 {"image": batch["image"], "label": batch["label"]})
       step += 1
       if step == steps:
-        return {"params": params, "batch_stats": batch_stats}
-  raise AssertionError("unreachable")
+        break
+    epoch += 1
+  return {"params": params, "batch_stats": batch_stats}
 
 
 def write_teacher(splits: dict[str, dett_jax.Split], preprocess: dett_jax.Preprocess,
@@ -199,16 +156,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.head:
     head = dett_jax.load_variables(args.head)
   else:
-    dfr = dett_jax.fit_dfr(per_example(lambda x: teacher_apply(x)["features"], val, preprocess),
-                           val.labels, val.groups, num_classes=val.num_classes, num_refits=4,
-                           seed=seed)
+    features = dett_jax.split_outputs(lambda x: teacher_apply(x)["features"], val,
+                                      preprocess=preprocess)
+    dfr = dett_jax.fit_dfr(features, val.labels, val.groups, num_classes=val.num_classes,
+                           num_refits=4, seed=seed)
     head = dett_jax.dense_params(dfr)
   teacher_logits = lambda head: jax.jit(
       lambda x: dett_jax.dense_apply(head, teacher_apply(x)["features"]))
-  teacher_erm = group_metrics(teacher_logits(dett_jax.read_head(teacher_vars["params"])),
-                              splits["test"], preprocess, train_counts, "test")
-  teacher_debiased = group_metrics(teacher_logits(head), splits["test"], preprocess,
-                                   train_counts, "test")
+  evaluate = lambda logits_fn, split: dett_jax.evaluate_groups(
+      logits_fn, splits[split], train_counts, name=split, preprocess=preprocess)
+  teacher_erm = evaluate(teacher_logits(dett_jax.read_head(teacher_vars["params"])), "test")
+  teacher_debiased = evaluate(teacher_logits(head), "test")
 
   # 3. The error set: the training mistakes of a briefly trained ERM model (the
   #    student's architecture with a head).
@@ -218,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   id_vars = train_erm(id_model, initial, train, preprocess, limit(SETTINGS["identification"]["steps"]),
                       SETTINGS["identification"]["learning_rate"], batch_size, seed + 4)
   id_logits = jax.jit(lambda x: id_model.apply(id_vars, x, train=False)["logits"])
-  error_set = dett_jax.find_error_set(per_example(id_logits, train, preprocess), train.labels)
+  error_set = dett_jax.find_error_set(
+      dett_jax.split_outputs(id_logits, train, preprocess=preprocess), train.labels)
 
   # 4. DeTT, with the head transplanted into the single parameter tree and frozen there.
   settings = SETTINGS["distill"]
@@ -230,17 +189,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   projector_vars = jax.jit(projector.init)(init_key(seed + 5), jnp.zeros(student_map.shape))
   params = dett_jax.transplant_head({"student": student_vars["params"],
                                      "projector": projector_vars["params"]}, head)
-  model_state = {"student": student_vars["batch_stats"], "projector": projector_vars["batch_stats"]}
+  collections = {"student": {"batch_stats": student_vars["batch_stats"]},
+                 "projector": {"batch_stats": projector_vars["batch_stats"]}}
 
-  def student_fn(params, batch_stats, images, train):
-    variables = {"params": params, "batch_stats": batch_stats}
+  def student_fn(params, collections, images, train, rng):
+    """The student's feature map and its new BatchNorm statistics."""
+    variables = {"params": params, **collections}
     if not train:
-      return student.apply(variables, images, train=False)["feature_map"], batch_stats
-    out, updates = student.apply(variables, images, train=True, mutable=["batch_stats"])
-    return out["feature_map"], updates["batch_stats"]
+      return student.apply(variables, images, train=False)["feature_map"], collections
+    out, collections = student.apply(variables, images, train=True, mutable=["batch_stats"])
+    return out["feature_map"], collections
 
-  index_list = dett_jax.upsampled_indices(len(train), error_set, int(settings["lambda_up"]))
-  steps_per_epoch = len(index_list) // batch_size
+  epoch_batches = lambda epoch: dett_jax.epoch_batches(
+      train, batch_size=batch_size, epoch=epoch, seed=seed + 10, error_set=error_set,
+      lambda_up=int(settings["lambda_up"]), preprocess=preprocess)
+  steps_per_epoch = len(epoch_batches(0))
   total_steps = args.steps or settings["epochs"] * steps_per_epoch
   tx = dett_jax.freeze(optax.adamw(optax.cosine_decay_schedule(settings["learning_rate"], total_steps),
                                    weight_decay=settings["weight_decay"]), ["head"])
@@ -248,26 +211,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       student_fn, tx, projector=projector,
       teacher_fn=lambda v, x: teacher.apply(v, x, train=False)["feature_map"]))
   predict = jax.jit(dett_jax.make_dett_predict(student_fn, projector))
-  state = dett_jax.DeTTState.create(params, model_state, tx)
+  state = dett_jax.TrainState.create(params, collections, tx)
   frozen = {"teacher": teacher_vars}          # no "head": the step reads params["head"]
   best = None
-  for epoch, batches in epochs(train, preprocess, index_list, batch_size, seed + 10):
-    for batch in batches:
+  for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    for batch in epoch_batches(epoch):
       state, metrics = step(state, {"image": batch["image"], "label": batch["label"]}, frozen)
       if int(state.step) == total_steps:
         break
-    val_metrics = group_metrics(lambda x: predict(state.params, state.model_state, x, {}), val,
-                                preprocess, train_counts, "val")
+    val_metrics = evaluate(lambda x: predict(state.params, state.collections, x, {}), "val")
     print(f"epoch {epoch + 1}: step {int(state.step)}, feature loss {float(metrics['loss']):.4f}, "
           f"val worst group {val_metrics['val/worst_group_acc']:.3f}", flush=True)
     if best is None or val_metrics["val/worst_group_acc"] > best[0]["val/worst_group_acc"]:
-      best = (val_metrics, epoch + 1, jax.tree.map(jnp.copy, (state.params, state.model_state)))
-    if int(state.step) == total_steps or epoch + 1 == math.ceil(total_steps / steps_per_epoch):
-      break
-  val_metrics, selected_epoch, (params, model_state) = best
+      best = (val_metrics, epoch + 1, jax.tree.map(jnp.copy, (state.params, state.collections)))
+  val_metrics, selected_epoch, (params, collections) = best
   assert np.array_equal(np.asarray(params["head"]["kernel"]), np.asarray(head["kernel"]))  # frozen
-  test = group_metrics(lambda x: predict(params, model_state, x, {}), splits["test"], preprocess,
-                       train_counts, "test")
+  test = evaluate(lambda x: predict(params, collections, x, {}), "test")
   results = {**val_metrics, **test,
              "teacher_erm/test/worst_group_acc": teacher_erm["test/worst_group_acc"],
              "teacher_erm/test/avg_acc": teacher_erm["test/avg_acc"],

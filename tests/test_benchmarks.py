@@ -213,3 +213,72 @@ def test_soak_kills_compares_and_reports(tmp_path):
   b = {"dett": {"metrics": {"test/avg_acc": 0.5, "val/avg_acc": 0.2500001}}}
   assert soak.compare(a, b) == ["dett: val/avg_acc"]
   assert soak.compare(a, {}) == ["dett: test/avg_acc, val/avg_acc"]
+
+
+# A resumable stand-in for train.py: 0.2 s start-up before its workdir exists, then 20 steps
+# of 0.05 s; SIGTERM checkpoints the step and exits 3; results.json holds the steps done.
+_FAKE_PIPELINE = """
+import json, os, signal, sys, time
+wd = sys.argv[1]
+time.sleep(0.2)
+os.makedirs(wd, exist_ok=True)
+path = os.path.join(wd, "step")
+step = int(open(path).read()) if os.path.exists(path) else 0
+def stop(*_):
+  open(path, "w").write(str(step))
+  print(f"interrupted: stage student_dett stopped at step {step} of 20 (signal 15); re-run",
+        flush=True)
+  sys.exit(3)
+signal.signal(signal.SIGTERM, stop)
+while step < 20:
+  time.sleep(0.05)
+  step += 1
+json.dump({"models": {"dett": {"metrics": {"steps": step}}}},
+          open(os.path.join(wd, "results.json"), "w"))
+"""
+
+
+def test_soak_delays_fit_the_measured_run_and_all_kills_land(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import random
+  import soak
+  # the delay rule: start-up + 0.5-1 x (run - start-up) / (kills + 1), whatever the run length
+  for seconds, startup, kills in ((54.0, 3.0, 10), (400.0, 5.0, 10), (2.0, 0.4, 3)):
+    draw, _ = soak.delay_drawer(seconds, startup, kills, random.Random(0))
+    span = (seconds - startup) / (kills + 1)
+    delays = [draw(1.0) for _ in range(kills)]
+    assert all(startup + 0.5 * span <= d <= startup + span for d in delays)
+    assert sum(d - startup for d in delays) <= seconds * kills / (kills + 1)
+    assert draw(0.5) <= (startup + span) / 2
+  draw, rule = soak.delay_drawer(54.0, 3.0, 10, random.Random(0), 3.0, 12.0)  # given range
+  assert all(3.0 <= draw(1.0) <= 12.0 for _ in range(20)) and "given" in rule
+
+  log = str(tmp_path / "log")
+  script = str(tmp_path / "fake_train.py")
+  with open(script, "w") as f:
+    f.write(_FAKE_PIPELINE)
+  make_cmd = lambda workdir: [sys.executable, "-u", script, workdir]
+  straight = str(tmp_path / "straight")
+  seconds, startup = soak.run_to_end(make_cmd(straight), dict(os.environ), log, workdir=straight)
+  assert 0 < startup < seconds
+  reference = soak.results(straight)
+  # delays from the measured run: every kill lands on the one live run, which then resumes
+  draw, _ = soak.delay_drawer(seconds, startup, 3, random.Random(0))
+  lines = []
+  out = soak.kill_until_landed(make_cmd, dict(os.environ), 3, draw, str(tmp_path / "a"), log,
+                               reference=reference, say=lines.append)
+  assert (out["landed"], out["survived"], out["diffs"]) == (3, 3, []), lines
+  assert soak.results(out["workdirs"][-1]) == reference
+  # delays longer than the run: a kill after the run finished does not count; the run starts
+  # again from scratch in a fresh workdir with delays halved until the kills land
+  lines = []
+  out = soak.kill_until_landed(make_cmd, dict(os.environ), 1, lambda scale: 3.0 * scale,
+                               str(tmp_path / "b"), log, reference=reference, say=lines.append)
+  assert out["landed"] == out["survived"] == 1 and out["missed"] >= 1, lines
+  assert len(out["workdirs"]) == out["missed"] + 1 and out["diffs"] == []
+  assert "not counted" in lines[0] and "killed_2" in lines[0]
+  assert all(soak.results(w) == reference for w in out["workdirs"])
+  # a finished run whose results differ is reported by workdir
+  out = soak.kill_until_landed(make_cmd, dict(os.environ), 0, draw, str(tmp_path / "c"), log,
+                               reference={"dett": {"metrics": {"steps": 19}}}, say=lines.append)
+  assert out["diffs"] == ["killed: dett: steps"]

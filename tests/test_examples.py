@@ -131,7 +131,7 @@ def test_example_uses_only_the_public_api(name):
   import ast
   tree = ast.parse((ROOT / "examples" / f"{name}.py").read_text())
   allowed_modules = {"dett_jax", "jax", "flax", "optax", "grain", "numpy", "argparse", "functools",
-                     "json", "math", "os", "tempfile", "time", "typing", "__future__"}
+                     "hashlib", "json", "math", "os", "tempfile", "time", "typing", "__future__"}
   used = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
@@ -145,3 +145,28 @@ def test_example_uses_only_the_public_api(name):
           and node.value.id == "dett_jax"):
       used.add(node.attr)
   assert used and used <= set(dett_jax.__all__), sorted(used - set(dett_jax.__all__))
+
+
+# The loops' DeTT step and the helpers each example used to copy.
+LOOPS = {"custom_loop_linen": ("train_state.TrainState", ".apply_gradients(", "jax.value_and_grad("),
+         "nnx": ("nnx.Optimizer(", "optimizer.update(", "jax.value_and_grad(", "dett_jax.NNXProjector("),
+         "pretrained_teacher": ("dett_jax.make_dett_step(",)}
+COPIED = {"eval_batches", "per_example", "group_counts", "group_metrics",
+          "train_batches", "epochs", "LoadExample"}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_trains_with_the_public_loss_and_copies_no_helper(name):
+  """The Linen example differentiates `dett_loss` in a Flax `TrainState` loop, the NNX one in
+  an `nnx.Optimizer` loop (its projector an `NNXProjector`), the third uses the ready-made
+  `make_dett_step`; batches and group evaluation come from the package, not copies."""
+  import ast
+  source = (ROOT / "examples" / f"{name}.py").read_text()
+  for needle in LOOPS[name] + (("dett_jax.dett_loss",) if name != "pretrained_teacher" else ()):
+    assert needle in source, (name, needle)
+  tree = ast.parse(source)
+  defined = {node.name for node in ast.walk(tree)
+             if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+  assert not defined & COPIED, sorted(defined & COPIED)
+  for helper in ("dett_jax.epoch_batches", "dett_jax.evaluate_groups"):
+    assert helper in source, (name, helper)

@@ -3,7 +3,6 @@ student's departure from its teacher (agreement, feature error, logit error, hea
 sensitivity): each against a hand computation, and each variant equal to plain DeTT
 when switched off."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -16,19 +15,27 @@ import numpy as np
 import pytest
 
 from dett_jax import objectives
-from dett_jax.dett import matched_feature_loss
+from dett_jax import methods
+from dett_jax.methods import Models, matched_feature_loss
 from dett_jax.evaluation import head_sensitivity, split_metrics
-from dett_jax.methods import METHODS
 from dett_jax.report import write_report
-from dett_jax.sweep import SweepError, check_sweep, method_of, variant_config
-from dett_jax.training.steps import feature_diagnostics, method_loss
+from dett_jax.config_schema import complete
+from dett_jax.sweep_axes import SweepError, check_sweep, method_of, variant_config
+from dett_jax.training.steps import feature_diagnostics
 from dett_jax.transplant import dense_apply
 
 from conftest import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = ml_collections.ConfigDict(dict(temperature=3.0, kd_ce_weight=0.0, match="map",
-                                        head_weight=0.7))
+CONFIG = ml_collections.ConfigDict(dict(distill=dict(temperature=3.0, kd_ce_weight=0.0,
+                                                     match="map", head_weight=0.7)))
+
+
+def method_loss(name, student, teacher, batch, config, frozen=None):
+  """(loss, parts) of method `name` given the student's and the teacher's outputs."""
+  batch = {**batch, "teacher_feature_map": teacher["feature_map"],
+           "teacher_logits": teacher["logits"]}
+  return methods.get(name)(Models(student=None), config).objective(student, batch, frozen or {})
 
 
 def _case(seed=0, b=6, c=5, k=3):
@@ -41,6 +48,11 @@ def _case(seed=0, b=6, c=5, k=3):
   student = {"projected": s_map, "logits": dense_apply(head, s_map.mean((1, 2)))}
   teacher = {"feature_map": t_map, "logits": dense_apply(head, t_map.mean((1, 2)))}
   return head, student, teacher, weights
+
+
+def diag_batch(teacher, groups, mask):
+  return {"group": groups, "mask": mask, "teacher_feature_map": teacher["feature_map"],
+          "teacher_logits": teacher["logits"]}
 
 
 def test_head_space_loss_matches_hand_computation():
@@ -67,7 +79,7 @@ def test_standardized_feature_loss_matches_hand_computation():
 def test_dett_head_loss_is_feature_loss_plus_weighted_head_term():
   head, student, teacher, weights = _case()
   batch = {"weight": weights, "mask": jnp.ones_like(weights)}
-  loss, parts = method_loss(METHODS["dett_head"], student, teacher, batch, CONFIG)
+  loss, parts = method_loss("dett_head", student, teacher, batch, CONFIG)
   feature = objectives.feature_loss(student["projected"], teacher["feature_map"], weights)
   head_term = objectives.head_space_loss(student["logits"], teacher["logits"], weights)
   np.testing.assert_allclose(parts["head_loss"], head_term, rtol=1e-6)
@@ -80,14 +92,15 @@ def test_each_variant_switched_off_is_plain_dett(variant):
   """dett_head with head_weight=0 and dett_std with a unit scale give DeTT's loss (1e-6)."""
   _, student, teacher, weights = _case(seed=3)
   batch = {"weight": weights, "mask": jnp.ones_like(weights)}
-  plain, _ = method_loss(METHODS["dett"], student, teacher, batch, CONFIG)
-  off = ml_collections.ConfigDict({**CONFIG.to_dict(), "head_weight": 0.0})
+  plain, _ = method_loss("dett", student, teacher, batch, CONFIG)
+  off = ml_collections.ConfigDict(CONFIG.to_dict())
+  off.distill.head_weight = 0.0
   frozen = {"feature_scale": jnp.ones(5)}
-  loss, _ = method_loss(METHODS[variant], student, teacher, batch, off, frozen)
+  loss, _ = method_loss(variant, student, teacher, batch, off, frozen)
   np.testing.assert_allclose(loss, plain, rtol=1e-6)
   # ...and switched on, they differ.
   on = {"feature_scale": jnp.linspace(0.2, 3.0, 5)}
-  loss_on, _ = method_loss(METHODS[variant], student, teacher, batch, CONFIG, on)
+  loss_on, _ = method_loss(variant, student, teacher, batch, CONFIG, on)
   assert abs(float(loss_on) - float(plain)) > 1e-3
 
 
@@ -95,23 +108,24 @@ def test_dett_std_without_a_scale_is_refused():
   _, student, teacher, weights = _case()
   batch = {"weight": weights, "mask": jnp.ones_like(weights)}
   with pytest.raises(KeyError, match="feature_scale"):
-    method_loss(METHODS["dett_std"], student, teacher, batch, CONFIG, {})
+    method_loss("dett_std", student, teacher, batch, CONFIG, {})
 
 
 def test_variants_differ_from_dett_only_in_their_matching():
+  dett = methods.get("dett")
   for name in ("dett_head", "dett_std"):
-    assert dataclasses.replace(METHODS[name], name="dett", head_term=False,
-                               standardize=False) == METHODS["dett"]
-  # Appended after the paper's methods: no existing student's seed changes.
-  assert list(METHODS)[:7] == ["dett", "kd", "kd_up", "simkd", "dett_no_transplant", "erm", "jtt"]
+    cls = methods.get(name)
+    assert issubclass(cls, dett) and (cls.head_term, cls.standardize) != (False, False)
+    assert (cls.needs_teacher, cls.reweight, cls.transplant, cls.student_head) == (
+        dett.needs_teacher, dett.reweight, dett.transplant, dett.student_head)
 
 
 def test_logit_error_and_feature_error_match_hand_computation():
   head, student, teacher, _ = _case(seed=1, b=8)
   groups = jnp.array([0, 0, 1, 1, 2, 2, 3, 3])
   mask = jnp.array([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32)  # the last one is padding
-  sums = jax.tree.map(np.asarray, feature_diagnostics(student, teacher, {"teacher_head": head},
-                                                      groups, mask, 4))
+  sums = jax.tree.map(np.asarray, feature_diagnostics(student, diag_batch(teacher, groups, mask),
+                                                      {"teacher_head": head}, 4))
   sums["count"] = np.bincount(np.asarray(groups), weights=np.asarray(mask), minlength=4)
   sums["correct"] = sums["count"]
   metrics = split_metrics(sums, np.ones(4), "test", 2)
@@ -145,8 +159,8 @@ def test_logit_error_is_zero_when_the_head_ignores_the_differing_direction():
   s_map = t_map.at[..., 4].add(5.0)  # a large error in channel 4 only
   teacher = {"feature_map": t_map, "logits": dense_apply(head, t_map.mean((1, 2)))}
   student = {"projected": s_map}
-  sums = jax.tree.map(np.asarray, feature_diagnostics(student, teacher, {"teacher_head": head},
-                                                      jnp.zeros(4, jnp.int32), jnp.ones(4), 1))
+  sums = jax.tree.map(np.asarray, feature_diagnostics(
+      student, diag_batch(teacher, jnp.zeros(4, jnp.int32), jnp.ones(4)), {"teacher_head": head}, 1))
   assert float(sums["logit_sq_err"][0]) < 1e-8 and float(sums["feat_sq_err"][0]) > 1.0
   sensitivity = head_sensitivity({**sums, "count": np.array([4.0])}, head)
   assert sensitivity["head_weight"][4] == 0.0 and sensitivity["student_rmse"][4] == pytest.approx(5.0)
@@ -175,14 +189,14 @@ def test_sweep_axes_method_head_weight_and_epochs():
   config = load_config("ablation", "tiny")
   config.sweep.axes = ml_collections.ConfigDict(dict(method=("dett", "dett_head"),
                                                      head_weight=(0.5,), epochs=(1, 2)))
-  assert len(check_sweep(config)) == 4
+  assert len(check_sweep(complete(config))) == 4
   variant = {"method": "dett_head", "head_weight": 0.5, "epochs": 2}
-  assert method_of(config, variant) is METHODS["dett_head"]
+  assert method_of(config, variant) is methods.get("dett_head")
   cfg = variant_config(config, variant)
   assert cfg.distill.head_weight == 0.5 and cfg.distill.optim.epochs == 2
   config.sweep.axes.method = ("dett", "nope")
   with pytest.raises(SweepError, match="unknown method"):
-    check_sweep(config)
+    check_sweep(complete(config))
 
 
 def test_pipeline_trains_the_variants_and_writes_their_diagnostics(tmp_path):

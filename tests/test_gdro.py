@@ -9,6 +9,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -18,7 +19,7 @@ from conftest import tiny_config
 from dett_jax import dfr, objectives
 from dett_jax.checkpoints import load_variables
 from dett_jax.experiment import train_and_evaluate
-from dett_jax.methods import METHODS
+from dett_jax import methods
 from dett_jax.training.loop import Interrupted
 from dett_jax.validation import ConfigError, validate_config
 
@@ -182,10 +183,15 @@ def test_bad_group_dro_and_teacher_fields_are_refused(overrides, field):
   assert "\n" not in str(info.value)
 
 
-def test_gdro_is_appended_to_the_methods():
-  names = list(METHODS)
-  assert names[-1] == "gdro" and names[:7] == ["dett", "kd", "kd_up", "simkd",
-                                                "dett_no_transplant", "erm", "jtt"]
+def test_gdro_is_a_registered_method_with_its_own_state():
+  cls = methods.get("gdro")
+  assert cls.student_head and not cls.needs_teacher and not cls.reweight
+  setup = methods.Setup(teacher_head=None, group_counts=np.array([9, 1, 4, 16]), input_shape=(1,))
+  config = ml_collections.ConfigDict(dict(gdro=dict(eta=0.01, adjustment=2.0)))
+  state = cls(methods.Models(student=None), config).init(None, {"params": {}}, setup)
+  np.testing.assert_allclose(state["collections"]["gdro"]["q"], [0.25] * 4)
+  np.testing.assert_allclose(cls(None, config).frozen(setup)["gdro_adjustment"],
+                             [2 / 3, 2.0, 1.0, 0.5], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +233,7 @@ def test_gdro_teacher_and_student_end_to_end_with_an_exact_resume(tmp_path):
   # The gdro student stopped after 2 of its 6 steps and resumed: the same final state,
   # its group weights included, bit for bit.
   expected = load_variables(os.path.join(straight, "student_gdro", "final"))
-  q = expected["batch_stats"]["gdro"]["q"]
+  q = expected["collections"]["gdro"]["q"]
   assert q.shape == (4,) and abs(q.sum() - 1) < 1e-5 and q.std() > 0
   resumed = str(tmp_path / "resumed")
   shutil.copytree(straight, resumed)
@@ -300,15 +306,16 @@ def test_dfr_with_an_interior_best_c_is_unchanged(caplog):
 
 
 # ---------------------------------------------------------------------------
-# The gdro train step: q in batch_stats, updated; kept by a skipped step; sharded == 1 device.
+# The gdro train step: q in the collections, updated; kept by a skipped step; sharded == 1 device.
 # ---------------------------------------------------------------------------
 
 
-def test_gdro_step_updates_q_in_batch_stats_and_a_skipped_step_keeps_it():
+def test_gdro_step_updates_q_in_the_collections_and_a_skipped_step_keeps_it():
   import flax.linen as nn
   import ml_collections
   from dett_jax.sharding import make_mesh, replicate, shard_batch
-  from dett_jax.training.steps import Networks, create_state, jit_train_step, make_train_step
+  from dett_jax.training.state import TrainState
+  from dett_jax.training.steps import jit_train_step, make_train_step
 
   class Linear(nn.Module):
     @nn.compact
@@ -322,22 +329,24 @@ def test_gdro_step_updates_q_in_batch_stats_and_a_skipped_step_keeps_it():
            "group": np.where(np.arange(n) < 8, 0, rng.integers(1, 3, n)).astype(np.int32),
            "index": np.arange(n, dtype=np.int32), "weight": np.ones(n, np.float32),
            "mask": np.ones(n, np.float32)}
-  config = ml_collections.ConfigDict(dict(gdro_eta=0.5, gdro_adjustment=(0.1, 0.2, 0.3, 0.4)))
+  config = ml_collections.ConfigDict(dict(gdro=dict(eta=0.5, adjustment=0.0)))
+  frozen = {"gdro_adjustment": jnp.array([0.1, 0.2, 0.3, 0.4])}
   tx = optax.sgd(0.1)
   params = {"student": Linear().init(jax.random.key(0), batch["image"][:1])["params"]}
   q0 = jnp.full((4,), 0.25)
-  make = lambda: create_state(jax.tree.map(jnp.copy, params),  # the jitted step donates it
-                              {"student": {}, "gdro": {"q": jnp.copy(q0)}}, tx)
-  step = make_train_step(Networks(student=Linear()), METHODS["gdro"], tx, config)
+  make = lambda: TrainState.create(jax.tree.map(jnp.copy, params),  # the jitted step donates it
+                                   {"student": {}, "gdro": {"q": jnp.copy(q0)}}, tx)
+  step = make_train_step(methods.get("gdro")(methods.Models(student=Linear()), config), tx)
   results = []
   for devices in (1, 8):
     mesh = make_mesh(devices)
     state = replicate(make(), mesh)
-    jitted = jit_train_step(step, mesh, state, {})
-    new, metrics = jitted(state, shard_batch(batch, mesh), {})
+    placed = replicate(frozen, mesh)
+    jitted = jit_train_step(step, mesh, state, placed)
+    new, metrics = jitted(state, shard_batch(batch, mesh), placed)
     results.append((jax.device_get(new), jax.device_get(metrics)))
   (one, m1), (eight, m8) = results
-  q = one.batch_stats["gdro"]["q"]
+  q = one.collections["gdro"]["q"]
   assert q[3] < 0.25 and q[3] == q.min()  # group 3 absent: not updated, only renormalised
   assert abs(q.sum() - 1) < 1e-6 and m1["gdro_max_q"] == pytest.approx(q.max())
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
@@ -346,15 +355,15 @@ def test_gdro_step_updates_q_in_batch_stats_and_a_skipped_step_keeps_it():
   bad = dict(batch, image=np.full_like(batch["image"], np.nan))
   mesh = make_mesh(1)
   state = replicate(make(), mesh)
-  skipped, metrics = jax.jit(step)(state, bad, {})
+  skipped, metrics = jax.jit(step)(state, bad, frozen)
   assert float(metrics["nonfinite_loss"]) == 1.0 and int(skipped.step) == 1
-  np.testing.assert_array_equal(skipped.batch_stats["gdro"]["q"], q0)
+  np.testing.assert_array_equal(skipped.collections["gdro"]["q"], q0)
 
 
-def test_a_gdro_sweep_is_refused():
-  import ml_collections
-  from dett_jax.sweep import SweepError, check_sweep
+def test_a_gdro_sweep_is_accepted():
+  """Group DRO's state lives in the state's collections, so stacked sweeps train it."""
+  from dett_jax.config_schema import complete
+  from dett_jax.sweep_axes import check_sweep
   config = tiny_config()
   config.sweep = ml_collections.ConfigDict(dict(axes={"seed": (0, 1)}, method="gdro"))
-  with pytest.raises(SweepError, match="sweeps do not train gdro students"):
-    check_sweep(config)
+  assert len(check_sweep(complete(config))) == 2

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from dett_jax.models.backend import Backend
 from dett_jax.models.projector import PROJECTORS, Projector, align_spatial
 from dett_jax.models.resnet import create_resnet, feature_channels
 
@@ -94,21 +95,60 @@ def test_small_map_conv_equals_lax_conv_forward_and_backward(size, kernel, strid
     assert jnp.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_resnet_small_map_conv_same_function_and_parameters():
-  from dett_jax.models.conv import use_patches
+@pytest.mark.parametrize("backend", [
+    Backend(small_map_conv=True),
+    Backend(pointwise_dot=True, patches_everywhere=True, fast_max_pool_grad=False)])
+def test_resnet_backend_same_function_and_parameters(backend):
   x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
   plain = create_resnet(18, 3, width=0.0625, stem="imagenet")
-  patched = create_resnet(18, 3, width=0.0625, stem="imagenet", small_map_conv=True)
+  other = create_resnet(18, 3, width=0.0625, stem="imagenet", backend=backend)
   variables = plain.init(jax.random.key(0), x)
-  assert (jax.tree.structure(patched.init(jax.random.key(0), x))
-          == jax.tree.structure(variables))
-  a, b = plain.apply(variables, x), patched.apply(variables, x)
+  assert (jax.tree.map(jnp.shape, other.init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, variables))
+  a, b = plain.apply(variables, x), other.apply(variables, x)
   assert a["feature_map"].shape[1:3] == (2, 2)
   assert jnp.allclose(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)
+  proj, y = Projector("simkd", 16), jnp.ones((2, 2, 2, 8))
+  pv = proj.init(jax.random.key(0), y)
+  assert jnp.allclose(proj.apply(pv, y), Projector("simkd", 16, backend=backend).apply(pv, y),
+                      atol=1e-4, rtol=1e-4)
+
+
+def test_backend_from_settings_and_stacked():
+  from dett_jax.models.conv import use_patches
   assert use_patches("patches") and not use_patches("xla")
   assert use_patches("auto", "cpu") and not use_patches("auto", "gpu")
   with pytest.raises(ValueError, match="small_map_conv"):
     use_patches("fast")
+  assert Backend() == Backend(False, False, False, True) and Backend().conv_fn() is None
+  assert Backend.from_settings("auto", "cpu") == Backend(small_map_conv=True)
+  assert Backend.from_settings("auto", "gpu") == Backend.from_settings("xla") == Backend()
+  with pytest.raises(ValueError, match="small_map_conv"):
+    Backend.from_settings("fast")
+  base = Backend.from_settings("auto", "cpu")
+  # sweep.conv "auto": every conv as patches only for vmapped groups on CPU
+  assert base.stacked(sharded=False, vmapped=True, platform="cpu") == Backend(True, False, True)
+  assert base.stacked(sharded=True, vmapped=True, platform="gpu") == Backend(True, True, False)
+  assert base.stacked(sharded=False, vmapped=False, platform="cpu") == base
+  assert base.stacked(sharded=False, vmapped=False, conv="patches").patches_everywhere
+  xla = base.stacked(sharded=False, vmapped=True, conv="xla", platform="cpu")
+  assert not xla.patches_everywhere
+  with pytest.raises(ValueError, match="sweep.conv"):
+    base.stacked(sharded=False, vmapped=True, conv="fast")
+  assert Backend(pointwise_dot=True).stacked(sharded=False, vmapped=False).pointwise_dot
+
+
+def test_resnet_is_a_backbone():
+  from dett_jax.models.backbone import Backbone, pool_features
+  model = create_resnet(10, 2, width=0.0625, stem="small")
+  assert isinstance(model, Backbone) and model.head_name == "head"
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+  out = model.apply(variables, x)
+  assert model.head_name in variables["params"]
+  assert jnp.allclose(model.pool(out["feature_map"]), out["features"])
+  assert jnp.allclose(pool_features(model, out["feature_map"]), out["features"])
+  assert pool_features(object(), jnp.ones((2, 5, 8))).shape == (2, 8)  # [b, t, c] -> [b, c]
 
 
 def test_pointwise_dot_conv_is_right_when_vmapped_and_sharded():

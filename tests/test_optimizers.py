@@ -7,9 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dett_jax.experiment import ERM
 from dett_jax.optimizers import make_optimizer, scaled_learning_rate
-from dett_jax.training.steps import Networks, create_state, make_train_step
+from dett_jax import methods
+from dett_jax.training.state import TrainState
+from dett_jax.training.steps import make_train_step
 
 
 class MLP(nn.Module):
@@ -38,8 +39,9 @@ def data(n=32, seed=0):
 def train(tx, batches):
   model = MLP()
   params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))["params"]
-  state = create_state({"student": params}, {"student": {}}, tx)
-  step = jax.jit(make_train_step(Networks(student=model), ERM, tx, None))
+  state = TrainState.create({"student": params}, {"student": {}}, tx)
+  erm = methods.get("erm")(methods.Models(student=model))
+  step = jax.jit(make_train_step(erm, tx))
   losses = []
   for batch in batches:
     state, metrics = step(state, batch, {})

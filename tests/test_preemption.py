@@ -18,9 +18,9 @@ from dett_jax import checkpoints
 from dett_jax.experiment import train_and_evaluate
 from dett_jax.sharding import make_mesh, replicate
 from dett_jax.training import loop
-from dett_jax.training.loop import (CheckpointMismatch, Diverged, FitSpec, Interrupted,
-                                    MetricLogger, fit)
-from dett_jax.training.steps import create_state
+from dett_jax.checkpoints import CheckpointMismatch, checksum
+from dett_jax.training.loop import Diverged, FitSpec, Interrupted, MetricLogger, fit
+from dett_jax.training.state import TrainState
 from dett_jax.validation import WorkdirError, check_workdir_writable
 
 # ---------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def _setup(width: int = 5):
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   params = {"w": jnp.zeros((width,)), "b": jnp.zeros(())}
-  state = replicate(create_state(params, {}, tx), mesh)
+  state = replicate(TrainState.create(params, {}, tx), mesh)
   return state, jax.jit(step), mesh
 
 
@@ -131,6 +131,30 @@ def test_half_written_checkpoint_is_never_taken_as_complete(tmp_path, straight):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+
+def test_leftovers_of_a_killed_save_are_removed_and_the_stage_resumes(tmp_path, straight, caplog):
+  with pytest.raises(Interrupted):
+    _fit(tmp_path, stop_after_steps=STEPS_PER_EPOCH)
+  # What SIGKILL mid-save leaves: Orbax 0.12 writes step 8 into "8.orbax-checkpoint-tmp"
+  # (older versions append "-<timestamp>"), its items likewise, and renames it when done.
+  leftovers = [os.path.join(tmp_path, "checkpoints", "8.orbax-checkpoint-tmp"),
+               os.path.join(tmp_path, "checkpoints", "12.orbax-checkpoint-tmp-1234567"),
+               os.path.join(tmp_path, "final.orbax-checkpoint-tmp")]
+  for leftover in leftovers:
+    os.makedirs(os.path.join(leftover, "state.orbax-checkpoint-tmp"))
+    with open(os.path.join(leftover, "state.orbax-checkpoint-tmp", "junk"), "w") as f:
+      f.write("half")
+  with pytest.raises(Interrupted, match=r"stopped at step 6 of 12"):  # resumed from step 4
+    _fit(tmp_path, stop_after_steps=2)
+  assert not any(os.path.exists(p) for p in leftovers)
+  assert all(p in caplog.text for p in leftovers) and "half-written" in caplog.text
+  assert _steps(tmp_path) == [4, 6]  # the finished checkpoint is kept
+  best, summary = _fit(tmp_path)
+  for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(straight[0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert summary["history"] == straight[1]["history"]
+
+
 def test_checkpoint_of_another_config_is_refused_naming_the_fields(tmp_path):
   with pytest.raises(Interrupted):
     _fit(tmp_path, stop_after_steps=STEPS_PER_EPOCH)
@@ -180,11 +204,11 @@ def test_checksum_sees_every_bit_and_ignores_sharding():
   x = {"a": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones((2,), jnp.int32)}
   flipped = {"a": x["a"].at[1, 2].set(np.nextafter(np.float32(6.0), np.float32(7.0))), "b": x["b"]}
   swapped = {"a": x["a"][::-1], "b": x["b"]}
-  assert loop.checksum(x) != loop.checksum(flipped) != loop.checksum(swapped)
+  assert checksum(x) != checksum(flipped) != checksum(swapped)
   mesh = make_mesh(-1)
   sharded = jax.device_put(x["a"].reshape(12, 1).repeat(8, 1)[:8],
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-  assert loop.checksum(sharded) == loop.checksum(np.asarray(sharded))
+  assert checksum(sharded) == checksum(np.asarray(sharded))
 
 
 # ---------------------------------------------------------------------------

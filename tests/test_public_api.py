@@ -1,10 +1,13 @@
 """The public API (`dett_jax.__all__`): documented with runnable examples, typed, and
-`make_dett_step` equal to the bundled trainer's DeTT step for Linen and NNX models."""
+`dett_loss` (in `make_dett_step`, a `flax.training.train_state.TrainState` loop and an
+`nnx.Optimizer` loop) equal to the bundled trainer's DeTT step for Linen and NNX models."""
 
 from __future__ import annotations
 
 import doctest
+import functools
 import inspect
+from typing import Any
 
 import flax.linen as nn
 import grain
@@ -15,10 +18,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.training import train_state
 
 import dett_jax
-from dett_jax.methods import METHODS
-from dett_jax.training.steps import Networks, create_state, make_train_step
+from dett_jax import methods
+from dett_jax.training.steps import make_train_step
 
 PUBLIC = sorted(dett_jax.__all__)
 
@@ -32,8 +36,8 @@ def test_all_names_exist_and_are_unique():
   for name in dett_jax.__all__:
     assert getattr(dett_jax, name) is not None, name
   # The names the package exported before the public API was defined still import.
-  for name in ("Networks", "Preprocess", "Projector", "Split", "align_spatial", "create_resnet",
-               "create_state", "dense_params", "example_weights", "feature_loss", "fit_dfr",
+  for name in ("Preprocess", "Projector", "Split", "align_spatial", "create_resnet",
+               "dense_params", "example_weights", "feature_loss", "fit_dfr",
                "group_accuracy_metrics", "group_sums", "jit_train_step", "kd_loss", "load_splits",
                "load_state_dict", "make_train_step", "read_head", "torchvision_to_flax",
                "train_epoch", "transplant_head", "upsampled_indices"):
@@ -77,7 +81,7 @@ def test_py_typed_marker_is_in_the_package():
 
 
 # ---------------------------------------------------------------------------
-# make_dett_step against the bundled trainer's DeTT step.
+# dett_loss and make_dett_step against the bundled trainer's DeTT step.
 # ---------------------------------------------------------------------------
 
 class TinyCNN(nn.Module):
@@ -108,7 +112,7 @@ class TinyCNNNNX(nnx.Module):
 
 
 IMAGE = (8, 8, 3)
-LOSS_CONFIG = ml_collections.ConfigDict(dict(temperature=3.0, kd_ce_weight=0.0, match="map"))
+CONFIG = ml_collections.ConfigDict(dict(distill=dict(match="map", head_weight=1.0)))
 
 
 def make_batch(seed: int, n: int = 8) -> dict[str, np.ndarray]:
@@ -128,45 +132,46 @@ def setup():
   student_vars = student.init(jax.random.key(1), x)
   projector_vars = projector.init(jax.random.key(2), jnp.zeros((1, 4, 4, 8)))
   params = {"student": student_vars["params"], "projector": projector_vars["params"]}
-  model_state = {"student": student_vars["batch_stats"], "projector": projector_vars["batch_stats"]}
+  collections = {"student": {"batch_stats": student_vars["batch_stats"]},
+                 "projector": {"batch_stats": projector_vars["batch_stats"]}}
   head = dett_jax.read_head(teacher_vars["params"])
-  return teacher, student, projector, teacher_vars, head, params, model_state
+  return teacher, student, projector, teacher_vars, head, params, collections
 
 
 def linen_student_fn(student: nn.Module):
-  def student_fn(params, model_state, images, train):
-    variables = {"params": params, "batch_stats": model_state}
+  def student_fn(params, collections, images, train, rng):
+    variables = {"params": params, **collections}
     if not train:
-      return student.apply(variables, images, train=False)["feature_map"], model_state
-    out, updates = student.apply(variables, images, train=True, mutable=["batch_stats"])
-    return out["feature_map"], updates["batch_stats"]
+      return student.apply(variables, images, train=False)["feature_map"], collections
+    out, collections = student.apply(variables, images, train=True, mutable=["batch_stats"])
+    return out["feature_map"], collections
   return student_fn
 
 
-def run_bundled_step(teacher, student, projector, teacher_vars, head, params, model_state, tx,
+def run_bundled_step(teacher, student, projector, teacher_vars, head, params, collections, tx,
                      steps):
-  networks = Networks(student=student, projector=projector, teacher=teacher)
-  step = jax.jit(make_train_step(networks, METHODS["dett"], tx, LOSS_CONFIG))
-  state = create_state(params, model_state, tx)
+  models = methods.Models(student=student, projector=projector, teacher=teacher)
+  step = jax.jit(make_train_step(methods.get("dett")(models, CONFIG), tx))
+  state = dett_jax.TrainState.create(params, collections, tx)
   frozen = {"teacher": teacher_vars, "teacher_head": head, "head": head}
   losses = []
   for k in range(steps):
     state, metrics = step(state, make_batch(k), frozen)
     losses.append(float(metrics["loss"]))
-  return losses, state.params, state.batch_stats
+  return losses, state.params, state.collections
 
 
 def test_make_dett_step_matches_the_bundled_dett_step():
-  teacher, student, projector, teacher_vars, head, params, model_state = setup()
+  teacher, student, projector, teacher_vars, head, params, collections = setup()
   tx = optax.adamw(1e-2, weight_decay=1e-4)
   steps = 4
-  expected, expected_params, expected_stats = run_bundled_step(
-      teacher, student, projector, teacher_vars, head, params, model_state, tx, steps)
+  expected, expected_params, expected_collections = run_bundled_step(
+      teacher, student, projector, teacher_vars, head, params, collections, tx, steps)
 
   teacher_fn = lambda v, x: teacher.apply(v, x, train=False)["feature_map"]
   step = jax.jit(dett_jax.make_dett_step(linen_student_fn(student), tx, projector=projector,
                                          teacher_fn=teacher_fn))
-  state = dett_jax.DeTTState.create(params, model_state, tx)
+  state = dett_jax.TrainState.create(params, collections, tx)
   frozen = {"teacher": teacher_vars, "head": head}
   losses = []
   for k in range(steps):
@@ -177,12 +182,12 @@ def test_make_dett_step_matches_the_bundled_dett_step():
   assert losses[-1] < losses[0]
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected_params)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
-  for got, want in zip(jax.tree.leaves(state.model_state), jax.tree.leaves(expected_stats)):
+  for got, want in zip(jax.tree.leaves(state.collections), jax.tree.leaves(expected_collections)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
   # Precomputed teacher feature maps (a teacher cache) give the same step.
   cached_step = jax.jit(dett_jax.make_dett_step(linen_student_fn(student), tx, projector=projector))
-  state = dett_jax.DeTTState.create(params, model_state, tx)
+  state = dett_jax.TrainState.create(params, collections, tx)
   batch = make_batch(0)
   batch["teacher_feature_map"] = teacher_fn(teacher_vars, batch["image"])
   _, metrics = cached_step(state, batch, {"head": head})
@@ -190,48 +195,142 @@ def test_make_dett_step_matches_the_bundled_dett_step():
 
   # The prediction: the transplanted head on the pooled projected map.
   predict = jax.jit(dett_jax.make_dett_predict(linen_student_fn(student), projector))
-  logits = predict(params, model_state, batch["image"], {"head": head})
-  fmap = student.apply({"params": params["student"], "batch_stats": model_state["student"]},
+  logits = predict(params, collections, batch["image"], {"head": head})
+  fmap = student.apply({"params": params["student"], **collections["student"]},
                        batch["image"])["feature_map"]
-  projected = projector.apply({"params": params["projector"],
-                               "batch_stats": model_state["projector"]}, fmap)
+  projected = projector.apply({"params": params["projector"], **collections["projector"]}, fmap)
   np.testing.assert_allclose(np.asarray(logits),
                              np.asarray(dett_jax.dense_apply(head, projected.mean((1, 2)))),
                              rtol=1e-5, atol=1e-6)
 
 
-def test_make_dett_step_with_an_nnx_student_matches_the_linen_one():
-  teacher, student, projector, teacher_vars, head, params, model_state = setup()
+class FlaxState(train_state.TrainState):
+  collections: Any = None
+
+
+def test_dett_loss_in_a_flax_train_state_loop_matches_the_bundled_dett_step():
+  """`jax.value_and_grad(dett_loss)` and Flax's `TrainState.apply_gradients`: the bundled
+  trainer's DeTT step, loss by loss and parameter by parameter."""
+  teacher, student, projector, teacher_vars, head, params, collections = setup()
   tx = optax.adamw(1e-2, weight_decay=1e-4)
   steps = 3
-  expected, _, _ = run_bundled_step(teacher, student, projector, teacher_vars, head, params,
-                                    model_state, tx, steps)
+  expected, expected_params, _ = run_bundled_step(teacher, student, projector, teacher_vars, head,
+                                                  params, collections, tx, steps)
+  loss_fn = functools.partial(
+      dett_jax.dett_loss, student_fn=linen_student_fn(student), projector=projector,
+      teacher_fn=lambda v, x: teacher.apply(v, x, train=False)["feature_map"])
 
-  # The same weights in an NNX module.
+  @jax.jit
+  def train_step(state, batch, frozen):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.collections, batch, frozen, jax.random.key(0))
+    return state.apply_gradients(grads=grads, collections=aux["collections"]), loss
+
+  state = FlaxState.create(apply_fn=student.apply, params=params, tx=tx, collections=collections)
+  losses = []
+  for k in range(steps):
+    state, loss = train_step(state, make_batch(k), {"teacher": teacher_vars, "head": head})
+    losses.append(float(loss))
+  np.testing.assert_allclose(losses, expected, rtol=1e-5, atol=1e-6)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected_params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+class WithProjector(nnx.Module):
+  """An NNX student backbone with the projector on top: images -> projected map."""
+
+  def __init__(self, backbone: nnx.Module, projector: nnx.Module):
+    self.backbone, self.projector = backbone, projector
+
+  def __call__(self, x, train: bool = False):
+    return self.projector(self.backbone(x, train), train)
+
+
+def nnx_student(params: dict, projector_variables: dict | None) -> nnx.Module:
+  """TinyCNN's weights in an NNX module; with `projector_variables` (the Linen projector's),
+  an `NNXProjector` holding them on top."""
   model = TinyCNNNNX(8, nnx.Rngs(0))
   model.conv.kernel.value = params["student"]["Conv_0"]["kernel"]
   model.norm.scale.value = params["student"]["BatchNorm_0"]["scale"]
   model.norm.bias.value = params["student"]["BatchNorm_0"]["bias"]
+  if projector_variables is None:
+    return model
+  projector = dett_jax.NNXProjector("simkd", 8, 16, rngs=nnx.Rngs(1))
+  state = nnx.state(projector)
+  tree: dict = {}
+  for collection in projector_variables.values():
+    for name, leaves in collection.items():
+      tree.setdefault(name, {}).update(leaves)
+  nnx.replace_by_pure_dict(state, tree)
+  nnx.update(projector, state)
+  return WithProjector(model, projector)
+
+
+def test_make_dett_step_with_an_nnx_student_matches_the_linen_one():
+  teacher, student, projector, teacher_vars, head, params, collections = setup()
+  tx = optax.adamw(1e-2, weight_decay=1e-4)
+  steps = 3
+  expected, _, _ = run_bundled_step(teacher, student, projector, teacher_vars, head, params,
+                                    collections, tx, steps)
+  model = nnx_student(params, None)
   graphdef, nnx_params, nnx_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
-  def student_fn(params, model_state, images, train):
-    module = nnx.merge(graphdef, params, model_state)
+  def student_fn(params, batch_stats, images, train, rng):
+    module = nnx.merge(graphdef, params, batch_stats)
     feature_map = module(images, train=train)
     return feature_map, nnx.state(module, nnx.BatchStat)
 
   step = jax.jit(dett_jax.make_dett_step(
       student_fn, tx, projector=projector,
       teacher_fn=lambda v, x: teacher.apply(v, x, train=False)["feature_map"]))
-  state = dett_jax.DeTTState.create({"student": nnx_params, "projector": params["projector"]},
-                                    {"student": nnx_stats, "projector": model_state["projector"]},
-                                    tx)
+  state = dett_jax.TrainState.create({"student": nnx_params, "projector": params["projector"]},
+                                     {"student": nnx_stats, "projector": collections["projector"]},
+                                     tx)
   losses = []
   for k in range(steps):
     state, metrics = step(state, make_batch(k), {"teacher": teacher_vars, "head": head})
     losses.append(float(metrics["loss"]))
   np.testing.assert_allclose(losses, expected, rtol=1e-5, atol=1e-6)
-  nnx.update(model, state.params["student"], state.model_state["student"])
+  nnx.update(model, state.params["student"], state.collections["student"])
   assert not np.allclose(np.asarray(model.norm.mean.value), 0.0)  # BatchNorm statistics moved
+
+
+def test_dett_loss_in_an_nnx_optimizer_loop_matches_the_bundled_dett_step():
+  """An NNX student with an `NNXProjector` inside (`dett_loss(projector=None)`), trained in
+  place by `nnx.Optimizer` under `nnx.jit`: the bundled trainer's DeTT step."""
+  teacher, student, projector, teacher_vars, head, params, collections = setup()
+  tx = optax.adamw(1e-2, weight_decay=1e-4)
+  steps = 3
+  expected, _, expected_collections = run_bundled_step(
+      teacher, student, projector, teacher_vars, head, params, collections, tx, steps)
+  model = nnx_student(params, {"params": params["projector"], **collections["projector"]})
+  graphdef = nnx.graphdef(model)
+
+  def student_fn(params, batch_stats, images, train, rng):
+    module = nnx.merge(graphdef, params, batch_stats)
+    return module(images, train=train), nnx.state(module, nnx.BatchStat)
+
+  loss_fn = functools.partial(
+      dett_jax.dett_loss, student_fn=student_fn,
+      teacher_fn=lambda v, x: teacher.apply(v, x, train=False)["feature_map"])
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, batch, frozen):
+    params, batch_stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        {"student": params}, {"student": batch_stats}, batch, frozen)
+    nnx.update(model, aux["collections"]["student"])
+    optimizer.update(model, grads["student"])
+    return loss
+
+  losses = [float(train_step(model, optimizer, make_batch(k), {"teacher": teacher_vars, "head": head}))
+            for k in range(steps)]
+  np.testing.assert_allclose(losses, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(model.projector.BatchNorm_2.mean[...]),
+      np.asarray(expected_collections["projector"]["batch_stats"]["BatchNorm_2"]["mean"]),
+      rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +338,7 @@ def test_make_dett_step_with_an_nnx_student_matches_the_linen_one():
 # ---------------------------------------------------------------------------
 
 def test_freeze_keeps_the_transplanted_head_bit_identical():
-  teacher, student, projector, teacher_vars, head, params, model_state = setup()
+  teacher, student, projector, teacher_vars, head, params, collections = setup()
   params = dett_jax.transplant_head(params, head)   # the head inside the single tree
   teacher_fn = lambda v, x: teacher.apply(v, x, train=False)["feature_map"]
   heads = {}
@@ -248,7 +347,7 @@ def test_freeze_keeps_the_transplanted_head_bit_identical():
     tx = dett_jax.freeze(base, frozen_paths) if frozen_paths else base
     step = jax.jit(dett_jax.make_dett_step(linen_student_fn(student), tx, projector=projector,
                                            teacher_fn=teacher_fn))
-    state = dett_jax.DeTTState.create(params, model_state, tx)
+    state = dett_jax.TrainState.create(params, collections, tx)
     before = jax.tree.map(np.array, state.params)
     for k in range(5):
       state, metrics = step(state, make_batch(k), {"teacher": teacher_vars})  # head from params

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from dett_jax import report
+from dett_jax.io import write_json_atomic
 
 
 def _results() -> dict:
@@ -86,7 +87,7 @@ def test_write_json_atomic_round_trip(tmp_path):
   path.write_text("old")
   obj = {"b": np.float32(0.5), "a": np.int64(3), "arr": np.arange(3),
          "nested": {"flag": np.bool_(True)}}
-  report.write_json_atomic(str(path), obj)
+  write_json_atomic(str(path), obj)
   loaded = json.loads(path.read_text())
   assert loaded == {"b": 0.5, "a": 3, "arr": [0, 1, 2],
                     "nested": {"flag": True}}

@@ -16,7 +16,8 @@ from dett_jax.experiment import train_and_evaluate
 from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet
 from dett_jax.sharding import make_mesh, place, shard_batch, tree_shardings
-from dett_jax.training.steps import Networks, create_state, jit_train_step, make_train_step
+from dett_jax.training.state import TrainState
+from dett_jax.training.steps import jit_train_step, make_train_step
 from test_steps import LOSS_CONFIG, batch, setup
 
 MESHES = [("replicated", 8, 1), ("fsdp", 8, 1), ("fsdp", 4, 2), ("replicated", 4, 2)]
@@ -26,9 +27,9 @@ def run_steps(strategy, data, model, method_name="dett", steps=3, tx=None):
   method, networks, params, stats, frozen = setup(method_name)
   tx = tx or optax.adamw(1e-3)
   mesh = make_mesh(data, model)
-  state = place(create_state(params, stats, tx), mesh, strategy)
+  state = place(TrainState.create(params, stats, tx), mesh, strategy)
   frozen = place(frozen, mesh, strategy)
-  step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, frozen)
+  step = jit_train_step(make_train_step(method, tx), mesh, state, frozen)
   losses = []
   for k in range(steps):
     state, metrics = step(state, shard_batch(batch(16, seed=k), mesh), frozen)

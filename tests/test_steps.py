@@ -7,40 +7,39 @@ import numpy as np
 import optax
 import pytest
 
-from dett_jax.methods import METHODS
+from dett_jax import methods
+from dett_jax.methods import Models, Setup
 from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet
 from dett_jax.sharding import make_mesh, replicate, shard_batch
-from dett_jax.training.steps import Networks, create_state, jit_train_step, make_train_step
+from dett_jax.training.state import TrainState
+from dett_jax.training.steps import jit_train_step, make_train_step
 from dett_jax.transplant import read_head, transplant_head
 
-LOSS_CONFIG = ml_collections.ConfigDict(dict(temperature=3.0, kd_ce_weight=0.0, match="map"))
+LOSS_CONFIG = ml_collections.ConfigDict(dict(
+    distill=dict(temperature=3.0, kd_ce_weight=0.0, match="map", head_weight=1.0),
+    gdro=dict(eta=0.01, adjustment=0.0)))
 
 
 def setup(method_name, seed=0):
-  method = METHODS[method_name]
+  """(method, models, params, collections, frozen) of a tiny student of `method_name`."""
+  cls = methods.get(method_name)
   teacher = create_resnet(10, 2, width=0.125, stem="small")
   x = jnp.zeros((1, 16, 16, 3))
   t_vars = teacher.init(jax.random.key(seed), x)
   head = read_head(t_vars["params"])
-  if method.objective == "feature":
-    student = create_resnet(10, None, width=0.0625, stem="small")
-    projector = Projector("simkd", 64)
-    s_vars = student.init(jax.random.key(seed + 1), x)
-    p_vars = projector.init(jax.random.key(seed + 2), jnp.zeros((1, 2, 2, 32)))
-    params = {"student": s_vars["params"], "projector": p_vars["params"]}
-    if method.trains_head:
-      params["head"] = jax.tree.map(jnp.zeros_like, head)
-    stats = {"student": s_vars["batch_stats"], "projector": p_vars["batch_stats"]}
+  if cls.student_head:
+    models = Models(student=create_resnet(10, 2, width=0.0625, stem="small"), teacher=teacher)
   else:
-    student, projector = create_resnet(10, 2, width=0.0625, stem="small"), None
-    s_vars = student.init(jax.random.key(seed + 1), x)
-    params, stats = {"student": s_vars["params"]}, {"student": s_vars["batch_stats"]}
-  networks = Networks(student=student, projector=projector, teacher=teacher)
-  frozen = {"teacher": t_vars, "teacher_head": head}
-  if method.transplant:
-    frozen["head"] = head
-  return method, networks, params, stats, frozen
+    models = Models(student=create_resnet(10, None, width=0.0625, stem="small"),
+                    projector=Projector("simkd", 64), teacher=teacher)
+  method = cls(models, LOSS_CONFIG)
+  run = Setup(teacher_head=head, group_counts=np.full(4, 4), input_shape=(16, 16, 3),
+              feature_scale=lambda: jnp.ones(64))
+  variables = method.init(jax.random.key(seed + 2),
+                          models.student.init(jax.random.key(seed + 1), x), run)
+  frozen = {"teacher": t_vars, "teacher_head": head, **method.frozen(run)}
+  return method, models, variables["params"], variables["collections"], frozen
 
 
 def batch(n=16, seed=0):
@@ -61,10 +60,10 @@ def test_transplanted_head_is_frozen_and_not_in_optimizer_state():
   method, networks, params, stats, frozen = setup("dett")
   mesh = make_mesh(1)
   tx = optax.sgd(0.1, momentum=0.9)
-  state = replicate(create_state(params, stats, tx), mesh)
+  state = replicate(TrainState.create(params, stats, tx), mesh)
   frozen = replicate(frozen, mesh)
   head_before = jax.tree.map(np.array, frozen["head"])
-  step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, frozen)
+  step = jit_train_step(make_train_step(method, tx), mesh, state, frozen)
   losses = []
   for k in range(3):
     state, metrics = step(state, shard_batch(batch(seed=k), mesh), frozen)
@@ -81,8 +80,8 @@ def test_head_trained_without_transplant():
   method, networks, params, stats, frozen = setup("dett_no_transplant")
   mesh = make_mesh(1)
   tx = optax.sgd(0.5)
-  state = replicate(create_state(params, stats, tx), mesh)
-  step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, frozen)
+  state = replicate(TrainState.create(params, stats, tx), mesh)
+  step = jit_train_step(make_train_step(method, tx), mesh, state, frozen)
   state, metrics = step(state, shard_batch(batch(), mesh), replicate(frozen, mesh))
   assert "ce_loss" in metrics and "feature_loss" in metrics
   assert float(jnp.abs(state.params["head"]["kernel"]).sum()) > 0
@@ -107,13 +106,13 @@ def test_sharded_step_matches_single_device(method_name):
   results = {}
   for devices in (1, 8):
     mesh = make_mesh(devices)
-    state = replicate(create_state(*jax.tree.map(jnp.copy, (params, stats)), tx), mesh)
+    state = replicate(TrainState.create(*jax.tree.map(jnp.copy, (params, stats)), tx), mesh)
     fz = replicate(frozen, mesh)
-    step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, fz)
+    step = jit_train_step(make_train_step(method, tx), mesh, state, fz)
     new_state, metrics = step(state, shard_batch(batch(), mesh), fz)
     grads = jax.tree.map(lambda new, old: (np.asarray(old) - np.asarray(new)) / lr,
                          new_state.params, params)
-    results[devices] = (float(metrics["loss"]), grads, new_state.batch_stats)
+    results[devices] = (float(metrics["loss"]), grads, new_state.collections)
   (loss1, g1, bs1), (loss8, g8, bs8) = results[1], results[8]
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   flat1, flat8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
@@ -128,15 +127,15 @@ def test_nonfinite_batch_is_flagged_and_changes_nothing_but_the_step_count():
   method, networks, params, stats, frozen = setup("dett")
   mesh = make_mesh(1)
   tx = optax.adamw(1e-3)
-  state = replicate(create_state(params, stats, tx), mesh)
+  state = replicate(TrainState.create(params, stats, tx), mesh)
   frozen = replicate(frozen, mesh)
-  step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, frozen)
+  step = jit_train_step(make_train_step(method, tx), mesh, state, frozen)
   bad = batch()
   bad["image"][5, 3, 3, 1] = np.nan
-  before = jax.tree.map(np.array, (state.params, state.batch_stats, state.opt_state))
+  before = jax.tree.map(np.array, (state.params, state.collections, state.opt_state))
   state, metrics = step(state, shard_batch(bad, mesh), frozen)
   assert float(metrics["nonfinite_loss"]) == 1.0 and float(metrics["nonfinite_grad"]) == 1.0
-  after = jax.tree.map(np.array, (state.params, state.batch_stats, state.opt_state))
+  after = jax.tree.map(np.array, (state.params, state.collections, state.opt_state))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
   assert int(state.step) == 1

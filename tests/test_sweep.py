@@ -12,17 +12,24 @@ import pytest
 
 from conftest import load_config
 from dett_jax.data.pipeline import example_weights
-from dett_jax.methods import METHODS
+from dett_jax.methods import Models
 from dett_jax.optimizers import make_optimizer
 from dett_jax.sharding import make_mesh, replicate, shard_batch
-from dett_jax.sweep import (SweepError, group_stage_name, group_variants, parse_subset, place_stacked, run_sweep,
-                            stack, variants)
+from dett_jax.sweep import group_stage_name, place_stacked, run_sweep, stack
+from dett_jax.sweep_axes import SweepError, group_variants, parse_subset, variants
 from dett_jax.models.projector import Projector
 from dett_jax.models.resnet import create_resnet
 from dett_jax.training.looped import LoopedTrainStep, pad_variants
-from dett_jax.training.steps import (Networks, create_state, jit_train_step, make_stacked_train_step,
-                                     make_train_step)
+from dett_jax.training.state import TrainState
+from dett_jax.training.steps import jit_train_step, make_stacked_train_step, make_train_step
+from dett_jax.models.backend import Backend
 from test_steps import LOSS_CONFIG, batch, setup
+
+
+def host_copy(run):
+  """`setup`'s (method, models, params, collections, frozen) with its arrays on the host."""
+  method, models, *trees = run
+  return (method, models, *jax.tree.map(np.asarray, trees))
 
 
 def test_variants_product_subset_and_groups():
@@ -73,7 +80,6 @@ def test_stacked_step_equals_separate_steps(mesh_shape, axis, execution):
   """Variants (seed, lambda_up, learning rate differ) in one vmapped step, or looped one
   per device column, vs separate steps; with `axis`, the variant axis is sharded over the
   mesh's model axis (looped: 3 variants padded to 4, one per column at a time)."""
-  method = METHODS["dett"]
   mesh = make_mesh(*mesh_shape)
   optim = load_config("synthetic").distill.optim  # AdamW with warmup + cosine
   optim.update(learning_rate=1e-3, epochs=1)
@@ -81,13 +87,14 @@ def test_stacked_step_equals_separate_steps(mesh_shape, axis, execution):
   lambdas, lr_scales, seeds = (1.0, 5.0, 20.0), (1.0, 0.5, 2.0), (0, 1, 2)
   vmapped = execution == "vmap"
   k = 2 if axis and vmapped else 3  # a vmapped axis must divide the mesh axis when sharded
-  runs = [jax.tree.map(np.asarray, setup("dett", seed=s)) for s in seeds[:k]]  # host copies: steps donate
-  networks, frozen = runs[0][1], runs[0][4]
+  runs = [host_copy(setup("dett", seed=s)) for s in seeds[:k]]  # host copies: steps donate
+  method, frozen = runs[0][0], runs[0][4]
   if axis and vmapped:  # what the sweep builds for a sharded variant axis: 1x1 convolutions as dots
-    networks = Networks(student=create_resnet(10, None, width=0.0625, stem="small",
-                                              pointwise_dot=True),
-                        projector=Projector("simkd", 64, pointwise_dot=True),
-                        teacher=networks.teacher)
+    backend = Backend(pointwise_dot=True)
+    method = type(method)(Models(student=create_resnet(10, None, width=0.0625, stem="small",
+                                                       backend=backend),
+                                 projector=Projector("simkd", 64, backend=backend),
+                                 teacher=method.models.teacher), LOSS_CONFIG)
   batches = [batch(n=16, seed=i) for i in range(3)]
   for i, b in enumerate(batches):
     b["index"] = (np.arange(16) + 16 * i).astype(np.int32)
@@ -98,9 +105,9 @@ def test_stacked_step_equals_separate_steps(mesh_shape, axis, execution):
   for j in range(k):
     tx = make_optimizer(ml_collections.ConfigDict(
         {**optim.to_dict(), "learning_rate": optim.learning_rate * lr_scales[j]}), 10, 16)
-    state = replicate(create_state(runs[j][2], runs[j][3], tx), mesh)
+    state = replicate(TrainState.create(runs[j][2], runs[j][3], tx), mesh)
     f = replicate(frozen, mesh)
-    step = jit_train_step(make_train_step(networks, method, tx, LOSS_CONFIG), mesh, state, f)
+    step = jit_train_step(make_train_step(method, tx), mesh, state, f)
     losses = []
     for b in batches:
       state, m = step(state, shard_batch(dict(b, weight=weights[j][b["index"]]), mesh), f)
@@ -108,17 +115,18 @@ def test_stacked_step_equals_separate_steps(mesh_shape, axis, execution):
     separate.append((losses, state))
 
   tx = make_optimizer(optim, 10, 16)
-  states = stack([create_state(r[2], r[3], tx) for r in runs])
-  per_variant = {"weights": weights, "lr_scale": np.array(lr_scales[:k], np.float32)}
+  states = stack([TrainState.create(r[2], r[3], tx) for r in runs])
+  per_variant = {"weights": weights, "lr_scale": np.array(lr_scales[:k], np.float32),
+                 "rng": np.zeros((k, 2), np.uint32)}
   if vmapped:
     states = place_stacked(states, mesh, axis)
     f = replicate({**frozen, "variants": per_variant}, mesh)
-    step = jit_train_step(make_stacked_train_step(networks, method, tx, LOSS_CONFIG), mesh, states, f)
+    step = jit_train_step(make_stacked_train_step(method, tx), mesh, states, f)
   else:
     states, per_variant = pad_variants((states, per_variant), mesh.shape[axis] if axis else 1)
     states = place_stacked(states, mesh, axis)
     f = {**replicate(frozen, mesh), "variants": place_stacked(per_variant, mesh, axis)}
-    looped = LoopedTrainStep(networks, method, tx, LOSS_CONFIG, mesh, axis, k)
+    looped = LoopedTrainStep(method, tx, mesh, axis, k)
     step_rows = looped.compile(states, shard_batch(batches[0], mesh), f)
     assert looped.compilations == 2  # the teacher; one variant per column
     assert states.step.shape == ((4,) if axis else (3,))
@@ -174,22 +182,22 @@ def test_tiny_sweep_stacked_equals_variant_by_variant(tmp_path, execution):
 
 def test_stacked_step_guards_each_variant_alone():
   """A variant whose loss is NaN keeps its state (only its step counts); the others train."""
-  method, mesh = METHODS["dett"], make_mesh(8, 1)
-  runs = [jax.tree.map(np.asarray, setup("dett", seed=s)) for s in (0, 1)]
-  networks, frozen = runs[0][1], runs[0][4]
+  mesh = make_mesh(8, 1)
+  runs = [host_copy(setup("dett", seed=s)) for s in (0, 1)]
+  method, frozen = runs[0][0], runs[0][4]
   tx = optax.adamw(1e-3)
-  states = place_stacked(stack([create_state(r[2], r[3], tx) for r in runs]), mesh, None)
+  states = place_stacked(stack([TrainState.create(r[2], r[3], tx) for r in runs]), mesh, None)
   weights = np.ones((2, 16), np.float32)
   weights[1, 3] = np.nan  # variant 1's weighted loss is NaN
-  f = replicate({**frozen, "variants": {"weights": weights,
-                                        "lr_scale": np.ones(2, np.float32)}}, mesh)
-  before = jax.tree.map(np.array, (states.params, states.batch_stats, states.opt_state))
-  step = jit_train_step(make_stacked_train_step(networks, method, tx, LOSS_CONFIG), mesh, states, f)
+  f = replicate({**frozen, "variants": {"weights": weights, "lr_scale": np.ones(2, np.float32),
+                                        "rng": np.zeros((2, 2), np.uint32)}}, mesh)
+  before = jax.tree.map(np.array, (states.params, states.collections, states.opt_state))
+  step = jit_train_step(make_stacked_train_step(method, tx), mesh, states, f)
   b = dict(batch(n=16), index=np.arange(16, dtype=np.int32))
   states, m = step(states, shard_batch(b, mesh), f)
   np.testing.assert_array_equal(np.asarray(m["nonfinite_loss"]), [0.0, 1.0])
   np.testing.assert_array_equal(np.asarray(states.step), [1, 1])
-  after = jax.tree.map(np.array, (states.params, states.batch_stats, states.opt_state))
+  after = jax.tree.map(np.array, (states.params, states.collections, states.opt_state))
   for a, c in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a[1], c[1])  # the diverged variant: unchanged
   assert any(not np.array_equal(a[0], c[0]) for a, c in

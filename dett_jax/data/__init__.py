@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from dett_jax.config_schema import DATA_SETS, complete_data
 from dett_jax.data.images import Preprocess
 from dett_jax.data.split import DataError, Split
 
-LOADERS = ("synthetic", "synthetic_marks", "metadata_csv", "celeba")
+LOADERS = DATA_SETS  # synthetic, synthetic_marks, metadata_csv, celeba
 # Built-in benchmarks generated in memory: data.name -> module with `splits_from_config`,
 # `split_size`, `pretraining_from_config` and `PRETRAINING_CLASSES`.
 GENERATED = {"synthetic": "dett_jax.data.synthetic",
@@ -26,12 +27,9 @@ def load_splits(data_config: Any) -> dict[str, Split]:
   """Loads the train/val/test splits named by `config.data` (a ConfigDict or a dict).
 
   `name` picks the loader (`synthetic`, `synthetic_marks`, `metadata_csv`, `celeba`); the
-  other fields are the loader's (see `configs/synthetic.py`, `configs/synthetic_marks.py`,
-  `configs/waterbirds.py`, `configs/celeba.py`).
-  For the built-in benchmark: `image_size`, `train_size`, `val_size`, `test_size`, and
-  optionally `seed` (0), `class_shapes` ((3, 2)), `noise` (0.05), `faint` (0.15). For the
-  marks benchmark: the same sizes and `seed`, and optionally `class_marks` ((0, 1)),
-  `noise` (0.04), `faint` (0.15), `mark_contrast` ((0.25, 0.45)), `field_contrast` (0.2).
+  other fields are the loader's. Each data set's fields and their defaults are declared
+  in `dett_jax/config_schema.py` (`data_defaults(name)`); fields left out here take those
+  defaults (`config_schema.complete_data`), and an undeclared field is a ConfigError.
 
   Returns:
     {"train", "val", "test"} -> `Split`; the training split of the built-in benchmark is
@@ -44,9 +42,7 @@ def load_splits(data_config: Any) -> dict[str, Split]:
     >>> splits["train"].images.shape, splits["train"].group_counts().tolist()
     ((100, 16, 16, 3), [74, 3, 1, 22])
   """
-  if isinstance(data_config, dict):
-    import ml_collections
-    data_config = ml_collections.ConfigDict(data_config)
+  data_config = complete_data(data_config)
   name = data_config.name
   if name in GENERATED:
     return generated_benchmark(name).splits_from_config(data_config)
@@ -87,7 +83,9 @@ def pretraining_classes(data_config: Any) -> int:
 def pretraining_set(data_config: Any, size: int) -> Split:
   """The unbiased pretraining task (`size` examples) of the built-in benchmark that
   `config.data` names: shapes x backgrounds for `synthetic`, marks x colour fields for
-  `synthetic_marks`, each labelled by the core feature."""
+  `synthetic_marks`, each labelled by the core feature. Fields `config.data` lacks take
+  the schema's defaults (`config_schema.complete_data`)."""
+  data_config = complete_data(data_config)
   module = generated_benchmark(data_config.name)
   if module is None:
     raise DataError(f"data.name={data_config.name!r} has no built-in pretraining task; choose "

@@ -18,10 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+# IMAGENET_MEAN, IMAGENET_STD: the reference normalisation, re-exported from the schema.
+from dett_jax.config_schema import IMAGENET_MEAN, IMAGENET_STD, complete_data  # noqa: F401
 from dett_jax.data.split import DataError
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 255 * (0.485, 0.456, 0.406)
-IMAGENET_STD = (58.395, 57.12, 57.375)  # 255 * (0.229, 0.224, 0.225)
 TRAIN_TRANSFORMS = ("pad_crop", "random_resized_crop", "none")
 
 
@@ -86,7 +86,8 @@ class Preprocess:
   random crop, flip; `random_resized_crop`; or `none`); `eval(image)` resizes and
   centre-crops it deterministically; `normalize(images)` gives float32
   `(pixel - mean) / std`. `Preprocess.from_config(config.data)` reads the fields of a
-  data config.
+  data config. (The defaults below are those of a direct construction; a data config's
+  defaults are the schema's, dett_jax/config_schema.py `data_defaults`.)
 
   Examples:
     >>> import numpy as np
@@ -114,10 +115,11 @@ class Preprocess:
 
   @classmethod
   def from_config(cls, data: Any) -> "Preprocess":
-    """From a `config.data` (fields absent there keep the defaults above)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-              for k, v in data.items() if k in fields}
+    """From a `config.data`; fields absent there take the schema's defaults of its data set
+    (`config_schema.complete_data`)."""
+    data = complete_data(data)
+    values = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+    values = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
     return cls(**values)
 
   def train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

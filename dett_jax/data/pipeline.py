@@ -213,6 +213,35 @@ def train_epoch(split: Split, index_list: np.ndarray, *, global_batch_size: int,
   return ds.map_with_index(load)
 
 
+def epoch_batches(split: Split, *, batch_size: int, epoch: int, seed: int,
+                  error_set: np.ndarray | None = None, lambda_up: int = 1,
+                  preprocess: Preprocess | None = None, augment: bool = True) -> grain.MapDataset:
+  """One epoch of DeTT's training batches: the error set upsampled, shuffled by `(seed, epoch)`.
+
+  `train_epoch` over `upsampled_indices(len(split), error_set, lambda_up)`: each error-set
+  example appears `lambda_up` times, the others once, in an order drawn from `(seed,
+  epoch)`; the last incomplete batch is dropped. Batches are dicts of numpy arrays:
+  `image` float32 `[batch_size, s, s, 3]` (augmented when `augment`, normalised),
+  `label`, `group`, `index` int32 and `weight`, `mask` float32 (all 1) `[batch_size]`.
+  With train.py's data seed these are the batches train.py trains on.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax import epoch_batches, load_splits
+    >>> train = load_splits({"name": "synthetic", "image_size": 16, "train_size": 40,
+    ...                      "val_size": 8, "test_size": 8})["train"]
+    >>> batches = epoch_batches(train, batch_size=16, epoch=0, seed=0,
+    ...                         error_set=np.array([3, 7]), lambda_up=5)   # 48 examples
+    >>> len(batches), batches[0]["image"].shape
+    (3, (16, 16, 16, 3))
+    >>> for batch in batches:      # a training loop's epoch
+    ...   pass
+  """
+  return train_epoch(split, upsampled_indices(len(split), error_set, lambda_up),
+                     global_batch_size=batch_size, epoch=epoch, seed=seed, preprocess=preprocess,
+                     augment_images=augment)
+
+
 def train_batches(split: Split, index_list: np.ndarray, *, num_epochs: int, global_batch_size: int,
                   seed: int, **kwargs) -> grain.MapDataset:
   """Every batch of `num_epochs` epochs (see `train_epoch`) as one `grain.MapDataset`:
@@ -254,7 +283,20 @@ def eval_dataset(split: Split, *, global_batch_size: int, preprocess: Preprocess
 
 def eval_batches(split: Split, *, global_batch_size: int, preprocess: Preprocess | None = None,
                  process_index: int = 0, process_count: int = 1, workers: int = 0) -> Iterator[Batch]:
-  """Yields the batches of `eval_dataset`, loaded by `workers` processes (0: in this one)."""
+  """Yields the batches of `eval_dataset`, loaded by `workers` processes (0: in this one).
+
+  Every example of `split` once, in order, in batches of `global_batch_size` (this
+  process's part of it); the last batch is padded to full size with `mask` 0. Each
+  batch holds `image` (not augmented), `label`, `group`, `index`, `weight` and `mask`.
+
+  Examples:
+    >>> from dett_jax import eval_batches, load_splits
+    >>> val = load_splits({"name": "synthetic", "image_size": 16, "train_size": 8,
+    ...                    "val_size": 40, "test_size": 8})["val"]
+    >>> batches = list(eval_batches(val, global_batch_size=16))
+    >>> len(batches), batches[-1]["image"].shape, int(batches[-1]["mask"].sum())
+    (3, (16, 16, 16, 3), 8)
+  """
   return iterate(eval_dataset(split, global_batch_size=global_batch_size, preprocess=preprocess,
                               process_index=process_index, process_count=process_count),
                  workers=workers)

@@ -153,7 +153,8 @@ PRETRAINING_CLASSES = len(SHAPES)
 
 
 def splits_from_config(data_config) -> dict[str, Split]:
-  """{"train", "val", "test"} from `config.data` (see configs/synthetic.py)."""
+  """{"train", "val", "test"} from a completed `config.data` (every field of
+  `config_schema.data_defaults("synthetic")`; `load_splits` completes it)."""
   sizes = {"train": data_config.train_size, "val": data_config.val_size,
            "test": data_config.test_size}
   if data_config.image_size < 16:
@@ -162,13 +163,14 @@ def splits_from_config(data_config) -> dict[str, Split]:
   for split, size in sizes.items():
     if size < 8:
       raise DataError(f"data.{split}_size={size} is too small; use at least 8 examples")
-  return {split: make_split(split, size, data_config.image_size, data_config.get("seed", 0),
-                            tuple(data_config.get("class_shapes", (3, 2))),
-                            data_config.get("noise", 0.05), data_config.get("faint", 0.15))
+  return {split: make_split(split, size, data_config.image_size, data_config.seed,
+                            tuple(data_config.class_shapes), data_config.noise,
+                            data_config.faint)
           for split, size in sizes.items()}
 
 
 def pretraining_from_config(data_config, size: int) -> Split:
-  """The pretraining set of `size` examples for `config.data` (see configs/synthetic.py)."""
-  return make_pretraining_set(size, data_config.image_size, data_config.get("seed", 0),
-                              data_config.get("noise", 0.05), data_config.get("faint", 0.15))
+  """The pretraining set of `size` examples for a completed `config.data` (as
+  `splits_from_config`; `pretraining_set` completes it)."""
+  return make_pretraining_set(size, data_config.image_size, data_config.seed, data_config.noise,
+                              data_config.faint)

@@ -162,13 +162,14 @@ def make_pretraining_set(size: int, image_size: int, seed: int, **render_args: A
 
 
 def _render_args(data_config: Any) -> dict:
-  return dict(noise=data_config.get("noise", 0.04), faint=data_config.get("faint", 0.15),
-              mark_contrast=tuple(data_config.get("mark_contrast", (0.25, 0.45))),
-              field_contrast=data_config.get("field_contrast", 0.2))
+  return dict(noise=data_config.noise, faint=data_config.faint,
+              mark_contrast=tuple(data_config.mark_contrast),
+              field_contrast=data_config.field_contrast)
 
 
 def splits_from_config(data_config: Any) -> dict[str, Split]:
-  """{"train", "val", "test"} from `config.data` (see configs/synthetic_marks.py)."""
+  """{"train", "val", "test"} from a completed `config.data` (every field of
+  `config_schema.data_defaults("synthetic_marks")`; `load_splits` completes it)."""
   if data_config.image_size < 16:
     raise DataError(f"data.image_size={data_config.image_size} is too small for the marks "
                     "benchmark's 5-pixel marks; use at least 16")
@@ -177,16 +178,16 @@ def splits_from_config(data_config: Any) -> dict[str, Split]:
   for split, size in sizes.items():
     if size < 8:
       raise DataError(f"data.{split}_size={size} is too small; use at least 8 examples")
-  marks = tuple(data_config.get("class_marks", (0, 1)))
+  marks = tuple(data_config.class_marks)
   if len(marks) != 2 or len(set(marks)) != 2 or not all(0 <= m < len(MARKS) for m in marks):
     raise DataError(f"data.class_marks={marks}; give two different mark indices in "
                     f"0..{len(MARKS) - 1} ({', '.join(MARKS)})")
-  return {split: make_split(split, size, data_config.image_size, data_config.get("seed", 0),
+  return {split: make_split(split, size, data_config.image_size, data_config.seed,
                             marks, **_render_args(data_config))
           for split, size in sizes.items()}
 
 
 def pretraining_from_config(data_config: Any, size: int) -> Split:
-  """The pretraining set of `size` examples for `config.data`."""
-  return make_pretraining_set(size, data_config.image_size, data_config.get("seed", 0),
+  """The pretraining set of `size` examples for a completed `config.data`."""
+  return make_pretraining_set(size, data_config.image_size, data_config.seed,
                               **_render_args(data_config))

@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dett_jax.models import conv as conv_lib
+from dett_jax.models.backend import Backend
 
 PROJECTORS = ("identity", "linear", "simkd", "simkd_dw")
 
@@ -45,8 +45,8 @@ class Projector(nn.Module):
   teacher_channels // factor) or "simkd_dw" (the same with a depthwise 3x3).
   dtype: activation/matmul dtype (e.g. bfloat16); parameters stay float32 and the
   output is float32, so the feature loss is computed in float32.
-  small_map_conv: 3x3 convolutions on maps smaller than 3x3 as patches x matrix
-  (see `dett_jax.models.conv`).
+  backend: how the convolutions are computed on the platform
+  (`dett_jax.models.backend.Backend`; parameters and function do not depend on it).
 
   Call it as `projector.apply(variables, student_map, train=...)`; with BatchNorm
   ("simkd", "simkd_dw") training mode needs `mutable=["batch_stats"]`.
@@ -65,9 +65,7 @@ class Projector(nn.Module):
   teacher_channels: int
   factor: int = 2
   dtype: Any = jnp.float32
-  small_map_conv: bool = False
-  pointwise_dot: bool = False  # 1x1 convolutions as dots (see dett_jax.models.conv)
-  patches_everywhere: bool = False  # every convolution as patches x kernel (stacked sweeps)
+  backend: Backend = Backend()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -79,17 +77,14 @@ class Projector(nn.Module):
       return x
     if self.kind == "linear":
       return nn.Conv(self.teacher_channels, (1, 1), dtype=self.dtype, name="conv",
-                     conv_general_dilated=conv_lib.conv_fn(
-                         self.small_map_conv, self.pointwise_dot,
-                         self.patches_everywhere))(x).astype(jnp.float32)
+                     conv_general_dilated=self.backend.conv_fn())(x).astype(jnp.float32)
     if self.kind not in ("simkd", "simkd_dw"):
       raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                 dtype=self.dtype)
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype,
-        conv_general_dilated=conv_lib.conv_fn(self.small_map_conv, self.pointwise_dot,
-                                              self.patches_everywhere))
+        conv_general_dilated=self.backend.conv_fn())
     mid = max(1, self.teacher_channels // self.factor)
     x = nn.relu(norm()(conv(mid, (1, 1))(x)))
     groups = mid if self.kind == "simkd_dw" else 1

@@ -3,20 +3,21 @@
 `ResNet.__call__` returns a dict with the last-stage feature map
 (`feature_map`, `[batch, h, w, c]`), the pooled features (`features`,
 `[batch, c]`) and the logits (`logits`, `[batch, num_classes]`). The classifier
-is the `nn.Dense` submodule named `head`, so its parameters are the subtree
-`params["head"]` and can be read out or replaced (see `dett_jax.transplant`).
+is the `nn.Dense` submodule named `head` (`ResNet.head_name`), so its parameters are
+the subtree `params["head"]` and can be read out or replaced (see `dett_jax.transplant`).
+`ResNet` satisfies `dett_jax.models.backbone.Backbone`; how it computes convolutions and
+pools on the platform is its `backend` (`dett_jax.models.backend.Backend`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dett_jax.models import conv as conv_lib
-from dett_jax.models import pool
+from dett_jax.models.backend import Backend
 
 ModuleDef = Any
 # Symmetric padding of 1 for 3x3 windows, as torchvision pads (not "SAME", which pads
@@ -81,9 +82,11 @@ class ResNet(nn.Module):
     width: width multiplier; stage widths are round(64 * width * 2**i).
     stem: "imagenet" or "small" (one 3x3 stride-1 conv, no pooling; for 32-pixel images).
     dtype: activation/matmul dtype (parameters stay float32).
-    small_map_conv: compute convolutions on maps smaller than their kernel as patches x
-      matrix (`dett_jax.models.conv`; XLA:CPU's own path for them is ~10x slower).
+    backend: how convolutions and the stem's max pool are computed on the platform
+      (`dett_jax.models.backend.Backend`; parameters and function do not depend on it).
   """
+
+  head_name: ClassVar[str] = "head"
 
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -91,9 +94,7 @@ class ResNet(nn.Module):
   width: float = 1.0
   stem: str = "imagenet"
   dtype: Any = jnp.float32
-  small_map_conv: bool = False
-  pointwise_dot: bool = False  # 1x1 convolutions as dots (see dett_jax.models.conv)
-  patches_everywhere: bool = False  # every convolution as patches x kernel (stacked sweeps)
+  backend: Backend = Backend()
 
   def setup_check(self) -> None:
     if self.stem not in ("imagenet", "small"):
@@ -105,8 +106,7 @@ class ResNet(nn.Module):
     self.setup_check()
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype,
-        conv_general_dilated=conv_lib.conv_fn(self.small_map_conv, self.pointwise_dot,
-                                              self.patches_everywhere))
+        conv_general_dilated=self.backend.conv_fn())
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype)
@@ -115,7 +115,7 @@ class ResNet(nn.Module):
     if self.stem == "imagenet":
       x = conv(base, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
-      x = pool.max_pool(x, (3, 3), (2, 2), PAD3)
+      x = self.backend.max_pool(x, (3, 3), (2, 2), PAD3)
     else:
       x = conv(base, (3, 3), padding=PAD3, name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
@@ -124,11 +124,15 @@ class ResNet(nn.Module):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
         x = self.block_cls(base * 2**i, conv=conv, norm=norm, strides=strides)(x)
     feature_map = x.astype(jnp.float32)
-    features = jnp.mean(feature_map, axis=(1, 2))
+    features = self.pool(feature_map)
     out = {"feature_map": feature_map, "features": features}
     if self.num_classes:
-      out["logits"] = nn.Dense(self.num_classes, name="head")(features)
+      out["logits"] = nn.Dense(self.num_classes, name=self.head_name)(features)
     return out
+
+  def pool(self, feature_map: jnp.ndarray) -> jnp.ndarray:
+    """Pooled features `[b, c]` of a feature map `[b, h, w, c]`: the spatial mean."""
+    return jnp.mean(feature_map, axis=(1, 2))
 
 
 STAGES: dict[int, tuple[tuple[int, ...], ModuleDef]] = {
@@ -140,8 +144,7 @@ STAGES: dict[int, tuple[tuple[int, ...], ModuleDef]] = {
 
 
 def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem: str = "imagenet",
-                  dtype: Any = jnp.float32, small_map_conv: bool = False,
-                  pointwise_dot: bool = False, patches_everywhere: bool = False) -> ResNet:
+                  dtype: Any = jnp.float32, backend: Backend = Backend()) -> ResNet:
   """Builds ResNet-`depth` (10, 18, 34 or 50), a Linen module.
 
   `model.apply(variables, images [b, h, w, 3], train=...)` returns `feature_map`
@@ -149,8 +152,7 @@ def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem:
   with `num_classes`, `logits` `[b, num_classes]` from the Dense submodule `head`.
   Stage widths are `round(64 * width) * 2**i`; `stem="small"` keeps full resolution for
   32-pixel images (the last map is then 1/8 of the input). See `ResNet` in
-  `dett_jax.models.resnet` for `dtype`, `small_map_conv`, `pointwise_dot` and
-  `patches_everywhere`.
+  `dett_jax.models.resnet` for `dtype` and `backend` (`Backend.from_settings(...)`).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -170,8 +172,7 @@ def create_resnet(depth: int, num_classes: int | None, width: float = 1.0, stem:
     raise ValueError(f"model width must be > 0; got {width}")
   stage_sizes, block_cls = STAGES[depth]
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
-                width=width, stem=stem, dtype=dtype, small_map_conv=small_map_conv,
-                pointwise_dot=pointwise_dot, patches_everywhere=patches_everywhere)
+                width=width, stem=stem, dtype=dtype, backend=backend)
 
 
 def feature_channels(depth: int, width: float) -> int:

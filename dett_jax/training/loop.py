@@ -1,7 +1,7 @@
 """The training loop shared by every stage: epochs, evaluation, selection, checkpoints.
 
-A stage's progress lives in an Orbax `CheckpointManager` under `<stage_dir>/checkpoints`
-with three items: `state` (trained parameters and optimizer state), `best` (the
+A stage's progress lives in its `checkpoints.StageCheckpoints` (Orbax, under
+`<stage_dir>/checkpoints`) with three items: `state` (trained parameters and optimizer state), `best` (the
 variables selected so far) and `meta` (step, history, selection). The step number
 fixes the position in the data (epoch = step // steps_per_epoch), so resuming
 continues mid-epoch with exactly the batches an uninterrupted run would see.
@@ -15,21 +15,21 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from jax.sharding import Mesh
 
 from dett_jax import distributed
+from dett_jax.checkpoints import StageCheckpoints, stage_signature
 from dett_jax.data.pipeline import iterate
 from dett_jax.sharding import shard_batch
-from dett_jax.training.steps import TrainState
+from dett_jax.training.state import TrainState
 
 
 class MetricLogger:
@@ -106,121 +106,187 @@ class Diverged(RuntimeError):
   message names the stage, the step, the metric and the last good checkpoint."""
 
 
-class CheckpointMismatch(ValueError):
-  """A stage checkpoint written by a different config or model; the message names the fields."""
-
-
 def _now() -> float:
   """Wall-clock seconds for time-based checkpoints (a function, so tests can drive it)."""
   return time.time()
 
 
 def _variables(state: TrainState) -> dict[str, Any]:
-  return {"params": state.params, "batch_stats": state.batch_stats}
+  return state.variables
 
 
 def _copy(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)
 
 
-def _checkpoint_dir(stage_dir: str) -> str:
-  return os.path.abspath(os.path.join(stage_dir, "checkpoints"))
+@dataclasses.dataclass
+class _Stage:
+  """What stays fixed while a stage trains."""
+
+  spec: FitSpec
+  checkpoints: StageCheckpoints
+  logger: MetricLogger
+  bar: tqdm.tqdm
+  signature: dict[str, str]
+  total_steps: int
+  stop_at: int  # the step this run stops at (total_steps, or earlier by stop_after_steps)
+  several: bool  # more than one process: decisions are agreed on at sync points
 
 
-def _manager(spec: FitSpec) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max(1, spec.keep_checkpoints),
-                                         enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(_checkpoint_dir(spec.stage_dir), options=options,
-                               item_names=("state", "best", "meta"))
+@dataclasses.dataclass
+class _Progress:
+  """A stage's mutable progress: what its checkpoints hold, and what is not logged yet.
+
+  meta: step, history (one record per epoch), best_epoch, best_value, skipped_steps
+    (and, once saved, the signature): the checkpoint's "meta" item.
+  pending: (0-based step, device metrics) of the steps since the last sync point.
+  """
+
+  state: TrainState
+  best: Any  # the variables selected so far
+  meta: dict[str, Any]
+  step: int
+  saved_step: int | None  # the step of the newest checkpoint (None: none yet)
+  last_save: float  # `_now()` at the newest save (or the start)
+  window_start: float = dataclasses.field(default_factory=time.time)  # for steps_per_sec
+  pending: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
 
 
-def _abstract(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def _resume(spec: FitSpec, checkpoints: StageCheckpoints, state: TrainState,
+            signature: dict[str, str]) -> _Progress:
+  """The progress from the stage's newest intact checkpoint, or a fresh start."""
+  best = _copy(_variables(state))
+  meta = {"step": 0, "history": [], "best_epoch": None, "best_value": None, "skipped_steps": []}
+  restored = checkpoints.restore(state, best, signature)
+  distributed.note_progress(stage=spec.name, step=0, total=spec.num_epochs * spec.steps_per_epoch)
+  if restored is not None:
+    state, best, meta = restored["state"], restored["best"], restored["meta"]
+    meta.setdefault("skipped_steps", [])
+    distributed.note_progress(step=int(meta["step"]),
+                              checkpoint=checkpoints.path(int(meta["step"])))
+  step = int(meta["step"])
+  return _Progress(state=state, best=best, meta=meta, step=step,
+                   saved_step=step if restored is not None else None, last_save=_now())
 
 
-def _shapes(tree: Any, prefix: str) -> dict[str, str]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {prefix + "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
-          f"{x.dtype}{list(x.shape)}" for path, x in leaves}
+def _save(stage: _Stage, run: _Progress) -> None:
+  """Starts writing a checkpoint of the current step."""
+  run.meta["step"], run.meta["signature"] = run.step, stage.signature
+  stage.checkpoints.save(run.step, run.state, run.best, run.meta)
+  run.saved_step, run.last_save = run.step, _now()
+  distributed.note_progress(checkpoint=stage.checkpoints.path(run.step))
 
 
-def _differing(stored: dict, current: dict) -> str:
-  keys = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-  return "; ".join(f"{k}: {stored.get(k, 'absent')} -> {current.get(k, 'absent')}"
-                   for k in keys[:5]) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
+def _nonfinite(metrics: dict[str, Any]) -> bool:
+  return bool(np.any(metrics["nonfinite_loss"]) or np.any(metrics["nonfinite_grad"]))
 
 
-def _set_aside(spec: FitSpec, step: int, reason: str) -> None:
-  """Moves a bad checkpoint to `<stage>/corrupt_checkpoints/` (never deletes it)."""
-  source = os.path.join(_checkpoint_dir(spec.stage_dir), str(step))
-  target_dir = os.path.join(os.path.abspath(spec.stage_dir), "corrupt_checkpoints")
-  target = os.path.join(target_dir, f"{step}-{int(time.time())}")
-  logging.warning("stage %s: checkpoint %s is unusable (%s); moved to %s, trying an earlier one",
-                  spec.name, source, reason, target)
-  if distributed.is_primary():
-    os.makedirs(target_dir, exist_ok=True)
-    os.rename(source, target)
-  distributed.sync(f"set aside {spec.name} {step}")
+def _on_nonfinite(stage: _Stage, run: _Progress, step: int, metrics: dict[str, Any]) -> None:
+  """Raises `Diverged` for the non-finite (1-based) `step`, or records it as skipped."""
+  spec = stage.spec
+  what = ("loss" if np.any(metrics["nonfinite_loss"]) else "gradient") + (
+      f" (loss={metrics['loss']}, grad_norm={metrics['grad_norm']})")
+  if spec.on_nonfinite == "stop":
+    last_good = stage.checkpoints.latest() or f"none yet (stage {spec.name} would start over)"
+    raise Diverged(f"stage {spec.name}: non-finite {what} at step {step} of "
+                   f"{stage.total_steps}; the update was not applied. Last good checkpoint: "
+                   f"{last_good}. Lower the learning rate or check the data, or set "
+                   "on_nonfinite=skip to skip such steps")
+  run.meta["skipped_steps"].append(step)
+  logging.warning("stage %s: step %d skipped: non-finite %s", spec.name, step, what)
 
 
-def _restore(spec: FitSpec, manager: ocp.CheckpointManager, state: TrainState, best: Any,
-             signature: dict) -> tuple[ocp.CheckpointManager, Any]:
-  """(manager, restored items) from the newest checkpoint that reads back intact, or
-  (manager, None). Unreadable or corrupted ones (checksum mismatch) are set aside; one
-  of a different config raises `CheckpointMismatch`."""
-  for step in sorted(manager.all_steps(), reverse=True):
-    path = os.path.join(_checkpoint_dir(spec.stage_dir), str(step))
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      if not isinstance(meta, dict) or "step" not in meta:
-        raise ValueError("no step record")
-    except Exception as e:  # noqa: BLE001 -- any read failure means the files are damaged
-      reason = f"its meta data cannot be read: {type(e).__name__}: {str(e)[:200]}"
-    else:
-      differing = _differing(meta.get("signature", signature), signature)
-      if differing:
-        raise CheckpointMismatch(
-            f"checkpoint {path} of stage {spec.name} was written by a different config or "
-            f"model ({differing}); use a new --workdir, or move {_checkpoint_dir(spec.stage_dir)} "
-            "away to restart this stage")
-      try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(state)),
-            best=ocp.args.StandardRestore(_abstract(best)), meta=ocp.args.JsonRestore()))
-        sums = {"state": checksum(restored["state"]), "best": checksum(restored["best"])}
-        if "checksums" in meta and sums != meta["checksums"]:
-          raise ValueError(f"checksums {sums} differ from the recorded {meta['checksums']}")
-        return manager, restored
-      except Exception as e:  # noqa: BLE001
-        reason = f"{type(e).__name__}: {str(e)[:300]}"
-    manager.close()
-    _set_aside(spec, step, reason)
-    manager = _manager(spec)
-  return manager, None
+def _flush(stage: _Stage, run: _Progress) -> None:
+  """Logs the pending steps' mean metrics; stops at or counts non-finite steps."""
+  spec = stage.spec
+  host = jax.device_get([m for _, m in run.pending])
+  if spec.host_metrics is not None:
+    host = [spec.host_metrics(m) for m in host]
+  for (index, _), m in zip(run.pending, host):  # metrics may be [k] (stacked sweep variants)
+    if _nonfinite(m):
+      _on_nonfinite(stage, run, index + 1, m)
+  finite = [m for m in host if not _nonfinite(m)] or host
+  mean = {k: float(np.mean([m[k] for m in finite])) for k in host[0]
+          if not k.startswith("nonfinite_")}
+  mean["steps_per_sec"] = len(host) / max(time.time() - run.window_start, 1e-9)
+  mean["skipped_steps"] = float(len(run.meta["skipped_steps"]))
+  run.window_start = time.time()
+  stage.logger.write(spec.name, run.pending[-1][0] + 1, mean)
+  stage.bar.set_postfix(loss=f"{mean['loss']:.4f}")
+  run.pending = []
 
 
-def _leaf_checksum(x: jnp.ndarray) -> jnp.ndarray:
-  if x.dtype == jnp.bool_:
-    bits = x.astype(jnp.uint32)
-  else:
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-  flat = bits.reshape(-1)
-  position = jnp.arange(flat.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-  return jnp.sum(flat * position, dtype=jnp.uint32)  # wraps modulo 2**32: order-independent
+def _end_epoch(stage: _Stage, run: _Progress) -> None:
+  """Evaluates the epoch just finished, records it and updates the selection."""
+  spec, meta = stage.spec, run.meta
+  epoch = run.step // spec.steps_per_epoch
+  record = {"epoch": epoch, "step": run.step}
+  if spec.evaluate is not None:
+    record.update(spec.evaluate(_variables(run.state)))
+    stage.logger.write(spec.name, run.step, {k: v for k, v in record.items() if "/" in k})
+  meta["history"].append(record)
+  value = record.get(spec.select_metric) if spec.select_metric else None
+  if spec.select_metric is None or meta["best_value"] is None or (
+      value is not None and value > meta["best_value"]):
+    run.best, meta["best_epoch"], meta["best_value"] = _copy(_variables(run.state)), epoch, value
 
 
-@jax.jit
-def _tree_checksum(tree: Any) -> jnp.ndarray:
-  sums = [_leaf_checksum(x) * jnp.uint32(2 * i + 1) for i, x in enumerate(jax.tree.leaves(tree))]
-  return jnp.sum(jnp.stack(sums), dtype=jnp.uint32) if sums else jnp.uint32(0)
+def _minutes_due(stage: _Stage, run: _Progress) -> bool:
+  """Whether a time-based checkpoint is due (every process decides alike)."""
+  if not stage.spec.checkpoint_every_minutes:
+    return False
+  due = _now() - run.last_save >= 60 * stage.spec.checkpoint_every_minutes
+  return distributed.any_process(due) if stage.several else due
 
 
-def checksum(tree: Any) -> int:
-  """A 32-bit checksum of every bit of a tree of arrays (any sharding, any process count);
-  stored with each checkpoint to detect files that decode but were overwritten."""
-  value = _tree_checksum(tree)
-  return int(np.asarray(value.addressable_data(0)))
+def _should_stop(stage: _Stage, sync_point: bool, signals: StopSignals) -> bool:
+  """Whether a signal stops the loop after this step; with several processes they agree
+  at the next sync point, so all stop at the same step."""
+  if stage.several:
+    return sync_point and distributed.any_process(signals.received is not None)
+  return signals.received is not None
+
+
+def _after_step(stage: _Stage, run: _Progress, signals: StopSignals) -> bool:
+  """The periodic actions after a step (log, evaluate and select, checkpoint); returns
+  whether to stop."""
+  spec, step = stage.spec, run.step
+  epoch_end = step % spec.steps_per_epoch == 0
+  periodic = bool(spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0)
+  sync_point = step % spec.log_every_steps == 0 or step == stage.stop_at or epoch_end or periodic
+  if sync_point:
+    _flush(stage, run)
+    periodic = periodic or _minutes_due(stage, run)
+  if epoch_end:
+    _end_epoch(stage, run)
+  if epoch_end or periodic:
+    _save(stage, run)
+  return _should_stop(stage, sync_point, signals)
+
+
+def _train(stage: _Stage, run: _Progress, batches: Iterator, train_step: Callable,
+           frozen: Any, mesh: Mesh, signals: StopSignals) -> None:
+  """Runs steps until `stage.stop_at` or a stop signal; an early stop is checkpointed at
+  its exact step."""
+  stopping = False
+  while run.step < stage.stop_at and not stopping:
+    batch = shard_batch(next(batches), mesh)
+    run.state, metrics = train_step(run.state, batch, frozen)
+    run.pending.append((run.step, metrics))
+    run.step += 1
+    distributed.note_progress(step=run.step)
+    stage.bar.update(1)
+    stopping = _after_step(stage, run, signals)
+  if run.pending:
+    _flush(stage, run)
+  if run.step < stage.total_steps and run.saved_step != run.step:
+    _save(stage, run)
+
+
+def _summary(spec: FitSpec, meta: dict[str, Any]) -> dict[str, Any]:
+  return {"history": meta["history"], "selection": {
+      "metric": spec.select_metric or "last_epoch", "epoch": meta["best_epoch"],
+      "value": meta["best_value"]}, "skipped_steps": meta["skipped_steps"]}
 
 
 def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mesh: Mesh,
@@ -232,127 +298,31 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
   """
   if spec.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"on_nonfinite={spec.on_nonfinite!r}; choose stop or skip")
-  manager = _manager(spec)
+  checkpoints = StageCheckpoints(spec.stage_dir, spec.name, spec.keep_checkpoints)
+  signature = stage_signature(spec.signature, state)
+  run = _resume(spec, checkpoints, state, signature)
   total_steps = spec.num_epochs * spec.steps_per_epoch
-  best = _copy(_variables(state))
-  signature = {**{k: str(v) for k, v in spec.signature.items()}, **_shapes(state, "state/")}
-  meta = {"step": 0, "history": [], "best_epoch": None, "best_value": None, "skipped_steps": []}
-  manager, restored = _restore(spec, manager, state, best, signature)
-  distributed.note_progress(stage=spec.name, step=0, total=total_steps)
-  if restored is not None:
-    state, best, meta = restored["state"], restored["best"], restored["meta"]
-    meta.setdefault("skipped_steps", [])
-    distributed.note_progress(step=int(meta["step"]), checkpoint=os.path.join(
-        _checkpoint_dir(spec.stage_dir), str(int(meta["step"]))))
-  last_save = {"time": _now()}
-
-  def save(step: int) -> None:
-    meta["step"], meta["signature"] = step, signature
-    meta["checksums"] = {"state": checksum(state), "best": checksum(best)}
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    last_save["time"] = _now()
-    distributed.note_progress(checkpoint=os.path.join(_checkpoint_dir(spec.stage_dir), str(step)))
-
-  def last_good() -> str:
-    manager.wait_until_finished()
-    latest = manager.latest_step()
-    return (os.path.join(_checkpoint_dir(spec.stage_dir), str(latest)) if latest is not None
-            else f"none yet (stage {spec.name} would start over)")
-
-  def flush(pending: list) -> None:
-    """Logs the pending steps' mean metrics; stops or counts non-finite steps."""
-    host = jax.device_get([m for _, m in pending])
-    if spec.host_metrics is not None:
-      host = [spec.host_metrics(m) for m in host]
-    bad = lambda m: bool(np.any(m["nonfinite_loss"]) or np.any(m["nonfinite_grad"]))
-    for (index, _), m in zip(pending, host):  # metrics may be [k] (stacked sweep variants)
-      if bad(m):
-        what = ("loss" if np.any(m["nonfinite_loss"]) else "gradient") + (
-            f" (loss={m['loss']}, grad_norm={m['grad_norm']})")
-        if spec.on_nonfinite == "stop":
-          raise Diverged(f"stage {spec.name}: non-finite {what} at step {index + 1} of "
-                         f"{total_steps}; the update was not applied. Last good checkpoint: "
-                         f"{last_good()}. Lower the learning rate or check the data, or set "
-                         "on_nonfinite=skip to skip such steps")
-        meta["skipped_steps"].append(index + 1)
-        logging.warning("stage %s: step %d skipped: non-finite %s", spec.name, index + 1, what)
-    finite = [m for m in host if not bad(m)] or host
-    mean = {k: float(np.mean([m[k] for m in finite])) for k in host[0]
-            if not k.startswith("nonfinite_")}
-    mean["steps_per_sec"] = len(host) / max(time.time() - clock["start"], 1e-9)
-    mean["skipped_steps"] = float(len(meta["skipped_steps"]))
-    clock["start"] = time.time()
-    logger.write(spec.name, pending[-1][0] + 1, mean)
-    bar.set_postfix(loss=f"{mean['loss']:.4f}")
-
-  step = int(meta["step"])
-  saved_step = step if restored is not None else None
-  stop_at = total_steps if spec.stop_after_steps is None else min(total_steps, step + spec.stop_after_steps)
-  bar = tqdm.tqdm(total=total_steps, initial=step, desc=spec.name, unit="step",
+  stop_at = total_steps if spec.stop_after_steps is None else min(
+      total_steps, run.step + spec.stop_after_steps)
+  bar = tqdm.tqdm(total=total_steps, initial=run.step, desc=spec.name, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True, leave=False)
-  pending: list[tuple[int, dict]] = []
-  batches = iterate(spec.data, start=step, workers=spec.workers)
-  clock = {"start": time.time()}
-  several = jax.process_count() > 1
-  stopping = False
+  stage = _Stage(spec=spec, checkpoints=checkpoints, logger=logger, bar=bar, signature=signature,
+                 total_steps=total_steps, stop_at=stop_at, several=jax.process_count() > 1)
+  batches = iterate(spec.data, start=run.step, workers=spec.workers)
+  run.window_start = time.time()
   try:
     with StopSignals() as signals:
-      while step < stop_at and not stopping:
-        batch = shard_batch(next(batches), mesh)
-        state, metrics = train_step(state, batch, frozen)
-        pending.append((step, metrics))
-        step += 1
-        distributed.note_progress(step=step)
-        bar.update(1)
-        epoch_end = step % spec.steps_per_epoch == 0
-        periodic = bool(spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0)
-        sync_point = step % spec.log_every_steps == 0 or step == stop_at or epoch_end or periodic
-        if sync_point:
-          flush(pending)
-          pending = []
-          if spec.checkpoint_every_minutes and not periodic:  # every process decides alike
-            due = _now() - last_save["time"] >= 60 * spec.checkpoint_every_minutes
-            periodic = distributed.any_process(due) if several else due
-        if epoch_end:
-          epoch_done = step // spec.steps_per_epoch
-          record = {"epoch": epoch_done, "step": step}
-          if spec.evaluate is not None:
-            record.update(spec.evaluate(_variables(state)))
-            logger.write(spec.name, step, {k: v for k, v in record.items() if "/" in k})
-          meta["history"].append(record)
-          value = record.get(spec.select_metric) if spec.select_metric else None
-          if spec.select_metric is None or meta["best_value"] is None or (
-              value is not None and value > meta["best_value"]):
-            best, meta["best_epoch"], meta["best_value"] = _copy(_variables(state)), epoch_done, value
-        if epoch_end or periodic:
-          saved_step = step
-          save(step)
-        # A signal stops the loop after this step; with several processes they agree at
-        # the next sync point, so all stop at the same step.
-        if several:
-          stopping = sync_point and distributed.any_process(signals.received is not None)
-        else:
-          stopping = signals.received is not None
-      if pending:
-        flush(pending)
-        pending = []
-      if step < total_steps and saved_step != step:  # stopped early: keep this exact point
-        save(step)
+      _train(stage, run, batches, train_step, frozen, mesh, signals)
   finally:  # stop the worker processes also on an error; finish writing checkpoints
     batches.close()
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
-  if step < total_steps:
+    checkpoints.wait()
+    checkpoints.close()
+  if run.step < total_steps:
     cause = f"signal {signals.received}" if signals.received is not None else "stop_after_steps"
-    raise Interrupted(f"stage {spec.name} stopped at step {step} of {total_steps} ({cause}); "
+    raise Interrupted(f"stage {spec.name} stopped at step {run.step} of {total_steps} ({cause}); "
                       "re-run the same command to resume")
-  summary = {"history": meta["history"], "selection": {
-      "metric": spec.select_metric or "last_epoch", "epoch": meta["best_epoch"],
-      "value": meta["best_value"]}, "skipped_steps": meta["skipped_steps"]}
-  return best, summary
+  return run.best, _summary(spec, run.meta)
 
 
 class StopSignals:

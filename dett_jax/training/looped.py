@@ -1,13 +1,13 @@
 """Stacked sweep variants trained one per device column at a time: the CPU form of a group.
 
-`steps.make_stacked_train_step` `jax.vmap`s the update over a group's k variants. XLA:CPU
+`steps.make_stacked_train_step` `jax.vmap`s the one update over a group's k variants. XLA:CPU
 runs a vmapped convolution whose kernel carries the variant axis as a grouped (or
 patches) convolution, slower per variant than k plain ones. `LoopedTrainStep` keeps the
 same stacked state (leaves `[k, ...]`, the leading axis sharded over the mesh's `axis`)
 and runs two programs, each compiled once, for every batch:
 
   1. the teacher's forward pass (on every column of `axis`: its outputs are needed there);
-  2. a plain (unbatched) train step of one variant per device column of `axis`: each
+  2. the plain update (`steps.variant_update`) of one variant per device column of `axis`: each
      column trains the j-th variant of its block of k/M, with the teacher's outputs of
      step 1, dispatched for j = 0 .. k/M - 1 (a `jax.shard_map` over `axis`; `data`
      stays data-parallel inside).
@@ -33,9 +33,9 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dett_jax.methods import Method
-from dett_jax.training.steps import (Networks, TrainState, make_eval_step, teacher_outputs,
-                                     train_update)
+from dett_jax.methods.base import Method, Models, teacher_outputs
+from dett_jax.training.state import TrainState
+from dett_jax.training.steps import make_eval_step, variant_update
 
 Tree = Any
 
@@ -65,15 +65,14 @@ def _pick(tree: Tree, j: jnp.ndarray) -> Tree:
 class _Looped:
   """What the train and eval forms share: the teacher program, the columns, the rows."""
 
-  def __init__(self, networks: Networks, mesh: Mesh, axis: str | None, num_variants: int,
+  def __init__(self, models: Models, mesh: Mesh, axis: str | None, num_variants: int,
                run_teacher: bool):
-    self.networks, self.mesh, self.axis, self.k = networks, mesh, axis, num_variants
+    self.models, self.mesh, self.axis, self.k = models, mesh, axis, num_variants
     self.run_teacher = run_teacher
     self._teacher = jax.jit(self._teacher_fn)
 
   def _teacher_fn(self, images: jnp.ndarray, shared: Tree) -> dict[str, jnp.ndarray]:
-    out = teacher_outputs(self.networks, shared, images)
-    return {"teacher_feature_map": out["feature_map"], "teacher_logits": out["logits"]}
+    return teacher_outputs(self.models, shared, {"image": images})
 
   def _over_columns(self, local: Callable, stacked_args: tuple, shared_args: tuple) -> Any:
     """`local(*stacked_args, *shared_args)` on each column's block of the stacked args."""
@@ -105,22 +104,18 @@ class LoopedTrainStep(_Looped):
   donated, and `host_metrics(jax.device_get(rows))` gives the metrics `[k]`.
   """
 
-  def __init__(self, networks: Networks, method: Method, tx: optax.GradientTransformation,
-               config: Any, mesh: Mesh, axis: str | None, num_variants: int):
-    super().__init__(networks, mesh, axis, num_variants, method.uses_teacher)
-    self.method, self.tx, self.config = method, tx, config
+  def __init__(self, method: Method, tx: optax.GradientTransformation, mesh: Mesh,
+               axis: str | None, num_variants: int):
+    super().__init__(method.models, mesh, axis, num_variants, method.needs_teacher)
+    self.method, self.tx = method, tx
     self._row = jax.jit(self._row_fn, donate_argnums=0)
     self.compilations = 0
 
   def _row_fn(self, states: TrainState, variants: Tree, j: jnp.ndarray, batch: dict,
               shared: Tree) -> tuple[TrainState, dict]:
     def local(states, variants, j, batch, shared):
-      state, v = _pick(states, j), _pick(variants, j)
-      b = dict(batch, weight=v["weights"][batch["index"]])
-      teacher = (teacher_outputs(self.networks, shared, b["image"], b) if self.method.uses_teacher
-                 else None)
-      new, metrics = train_update(self.networks, self.method, self.tx, self.config, state, b,
-                                  shared, teacher, v["lr_scale"])
+      new, metrics = variant_update(self.method, self.tx, _pick(states, j), _pick(variants, j),
+                                    self.method.batch_inputs(batch, shared), shared)
       states = jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x, j, 0), states, new)
       return states, jax.tree.map(lambda x: x[None], metrics)
     return self._over_columns(local, (states, variants), (j, batch, shared))
@@ -151,10 +146,10 @@ class LoopedEvalStep(_Looped):
   variants (`steps.make_eval_step` per variant, looped as `LoopedTrainStep`; `frozen`
   without `variants`); `host_metrics(rows on the host)` gives the sums `[k, ...]`."""
 
-  def __init__(self, networks: Networks, method: Method, num_groups: int, mesh: Mesh,
+  def __init__(self, models: Models, method: Method, num_groups: int, mesh: Mesh,
                axis: str | None, num_variants: int):
-    super().__init__(networks, mesh, axis, num_variants, networks.teacher is not None)
-    self._eval_one = make_eval_step(networks, method, num_groups)
+    super().__init__(models, mesh, axis, num_variants, models.teacher is not None)
+    self._eval_one = make_eval_step(models, method, num_groups)
     self._row = jax.jit(self._row_fn)
     self._js = None
 
