@@ -9,6 +9,7 @@ any name not listed below) is private by convention and may change without notic
                                    batch, frozen, rng) -> (loss, aux)` for any training
                                    loop, a guarded step over it, the student's prediction
   TrainState, make_update          the one train state, and the one guarded update of any loss
+  rng                              named randomness: seeds from the run seed and a name
   methods, Method, Models          the method registry (`methods.register`, `methods.get`):
                                    every method (dett, kd, gdro, ... or your own) is a
                                    `Method` whose `.loss` has dett_loss's signature
@@ -34,9 +35,9 @@ The whole bundled pipeline is `python train.py --config=configs/synthetic.py
 --workdir=DIR`; `examples/` shows DeTT in hand-written Linen and NNX training loops.
 """
 
-__version__ = "0.2.0.dev0"
+__version__ = "0.2.0"
 
-from dett_jax import methods
+from dett_jax import methods, rng
 from dett_jax.checkpoints import load_variables, save_variables
 from dett_jax.data import Preprocess, Split, load_splits
 from dett_jax.data.pipeline import (epoch_batches, eval_batches, example_weights, find_error_set,
@@ -62,7 +63,7 @@ from dett_jax.transplant import dense_apply, read_head, transplant_head
 
 __all__ = [
     # DeTT in any training loop.
-    "dett_loss", "make_dett_step", "make_dett_predict", "TrainState", "make_update",
+    "dett_loss", "make_dett_step", "make_dett_predict", "TrainState", "make_update", "rng",
     # Methods (plug-ins) and their building blocks.
     "methods", "Method", "Models", "apply_projector", "matched_feature_loss",
     "transplanted_logits", "feature_loss", "kd_loss", "read_head", "transplant_head",

@@ -1,8 +1,9 @@
 """Named randomness: every random draw comes from the run seed and a stable name.
 
 A draw's seed depends only on `config.seed` and the names of what it is for (stage,
-method, purpose), never on the order in which methods are listed or trained:
+method, purpose), never on the order in which methods are listed or trained.
 
+Examples:
   >>> from dett_jax import rng
   >>> rng.seed(0, "student", "dett", "data") == rng.seed(0, "student", "dett", "data")
   True

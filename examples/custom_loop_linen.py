@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import os
@@ -67,12 +66,6 @@ def init_key(seed: int) -> jax.Array:
   """A key for initialising parameters. The "rbg" generator compiles several times faster
   than JAX's default (threefry) on CPU, which is most of this example's start-up time."""
   return jax.random.key(seed, impl="rbg")
-
-
-def train_py_seed(config: dict[str, Any], *names: str) -> int:
-  """The seed train.py draws `names` from: a stable hash of the run seed and the names."""
-  text = "/".join([str(int(config["seed"])), *names])
-  return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % 2**31
 
 
 def cosine_schedule(peak: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
@@ -219,8 +212,8 @@ def distill(config: dict[str, Any], splits: dict[str, dett_jax.Split],
   projector = dett_jax.Projector(settings["projector"], teacher_map.shape[-1],
                                  settings["projector_factor"])
   if inputs["from_run"]:   # train.py's data order and initial projector for its dett student
-    data_seed = train_py_seed(config, "student_dett", "data")
-    key = jax.random.split(jax.random.key(train_py_seed(config, "student_dett", "init")))[1]
+    data_seed = dett_jax.rng.seed(config["seed"], "student_dett", "data")
+    key = jax.random.split(jax.random.key(dett_jax.rng.seed(config["seed"], "student_dett", "init")))[1]
   else:
     data_seed, key = seed + 10, init_key(seed + 5)
   projector_vars = jax.jit(projector.init)(key, jnp.zeros(student_map.shape))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import os
@@ -148,12 +147,6 @@ def load_linen_variables(model: nnx.Module, variables: dict[str, Any]) -> nnx.Mo
   nnx.replace_by_pure_dict(state, tree)   # names must match (ValueError otherwise)
   nnx.update(model, state)
   return model
-
-
-def train_py_seed(config: dict[str, Any], *names: str) -> int:
-  """The seed train.py draws `names` from: a stable hash of the run seed and the names."""
-  text = "/".join([str(int(config["seed"])), *names])
-  return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % 2**31
 
 
 def cosine_schedule(peak: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
@@ -280,21 +273,19 @@ def distill(config: dict[str, Any], splits: dict[str, dett_jax.Split],
   batch_size = optim.get("batch_size") or config["batch_size"]
   augment = config["augment"] if optim.get("augment") is None else optim["augment"]
   teacher, head = inputs["teacher"], inputs["head"]
-  kind, in_channels = settings["projector"], inputs["student"].num_features
+  kind, factor = settings["projector"], settings["projector_factor"]
+  in_channels, out_channels = inputs["student"].num_features, teacher.num_features
+  make_projector = lambda rngs: dett_jax.NNXProjector(kind, in_channels, out_channels, factor,
+                                                      rngs=rngs)
   if inputs["from_run"]:   # train.py's data order and initial projector for its dett student
-    data_seed = train_py_seed(config, "student_dett", "data")
-    key = jax.random.split(jax.random.key(train_py_seed(config, "student_dett", "init")))[1]
-    linen = dett_jax.Projector(kind, teacher.num_features, settings["projector_factor"])
-    projector = load_linen_variables(
-        nnx.eval_shape(lambda: dett_jax.NNXProjector(kind, in_channels, teacher.num_features,
-                                                     settings["projector_factor"],
-                                                     rngs=nnx.Rngs(0))),
-        jax.jit(linen.init)(key, jnp.zeros((1, 1, 1, in_channels))))
+    data_seed = dett_jax.rng.seed(config["seed"], "student_dett", "data")
+    key = jax.random.split(jax.random.key(dett_jax.rng.seed(config["seed"], "student_dett", "init")))[1]
+    linen_init = jax.jit(dett_jax.Projector(kind, out_channels, factor).init)
+    projector = load_linen_variables(nnx.eval_shape(lambda: make_projector(nnx.Rngs(0))),
+                                     linen_init(key, jnp.zeros((1, 1, 1, in_channels))))
   else:
     data_seed, key = seed + 10, jax.random.key(seed + 5, impl="rbg")
-    projector = nnx.jit(lambda: dett_jax.NNXProjector(
-        kind, in_channels, teacher.num_features, settings["projector_factor"],
-        rngs=nnx.Rngs(key)))()
+    projector = nnx.jit(lambda: make_projector(nnx.Rngs(key)))()
   student = Student(inputs["student"], projector)
 
   # dett_loss sees the models as pure functions of their state (projector=None: the
@@ -324,7 +315,8 @@ def distill(config: dict[str, Any], splits: dict[str, dett_jax.Split],
   optimizer = nnx.Optimizer(student, tx, wrt=nnx.Param)
 
   @nnx.jit
-  def train_step(student: Student, optimizer: nnx.Optimizer, batch: dict, frozen: dict) -> jax.Array:
+  def train_step(student: Student, optimizer: nnx.Optimizer, batch: dict,
+                 frozen: dict) -> jax.Array:
     params, batch_stats = nnx.state(student, nnx.Param), nnx.state(student, nnx.BatchStat)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         {"student": params}, {"student": batch_stats}, batch, frozen)

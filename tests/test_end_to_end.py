@@ -11,7 +11,7 @@ from conftest import tiny_config
 from dett_jax.experiment import train_and_evaluate
 from dett_jax import methods
 
-ALL_METHODS = ",".join(methods.names())
+ALL_METHODS = ",".join(methods.BUILTIN)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def full_run(tmp_path_factory):
 
 def test_every_stage_and_method_runs(full_run):
   workdir, results = full_run
-  names = {"teacher_erm", "teacher_dfr"} | {f"student_{m}" for m in methods.names()}
+  names = {"teacher_erm", "teacher_dfr"} | {f"student_{m}" for m in methods.BUILTIN}
   assert set(results["models"]) == names
   for name, entry in results["models"].items():
     m = entry["metrics"]

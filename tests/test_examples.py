@@ -148,8 +148,10 @@ def test_example_uses_only_the_public_api(name):
 
 
 # The loops' DeTT step and the helpers each example used to copy.
-LOOPS = {"custom_loop_linen": ("train_state.TrainState", ".apply_gradients(", "jax.value_and_grad("),
-         "nnx": ("nnx.Optimizer(", "optimizer.update(", "jax.value_and_grad(", "dett_jax.NNXProjector("),
+LOOPS = {"custom_loop_linen": ("train_state.TrainState", ".apply_gradients(",
+                               "jax.value_and_grad("),
+         "nnx": ("nnx.Optimizer(", "optimizer.update(", "jax.value_and_grad(",
+                 "dett_jax.NNXProjector("),
          "pretrained_teacher": ("dett_jax.make_dett_step(",)}
 COPIED = {"eval_batches", "per_example", "group_counts", "group_metrics",
           "train_batches", "epochs", "LoadExample"}

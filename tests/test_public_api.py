@@ -324,8 +324,8 @@ def test_dett_loss_in_an_nnx_optimizer_loop_matches_the_bundled_dett_step():
     optimizer.update(model, grads["student"])
     return loss
 
-  losses = [float(train_step(model, optimizer, make_batch(k), {"teacher": teacher_vars, "head": head}))
-            for k in range(steps)]
+  frozen = {"teacher": teacher_vars, "head": head}
+  losses = [float(train_step(model, optimizer, make_batch(k), frozen)) for k in range(steps)]
   np.testing.assert_allclose(losses, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
       np.asarray(model.projector.BatchNorm_2.mean[...]),

@@ -1,12 +1,15 @@
 """The method registry: every method is one `Method` subclass registered by name.
 
-  >>> from dett_jax import methods
-  >>> methods.get("dett").needs_teacher, methods.get("erm").reweight
-  (True, False)
-
 A method from your own module runs through `train.py`, sweeps, evaluation and the report
 once registered (`@methods.register`); list its module in `config.plugins` so that
 `train.py` imports it (docs/design.md, "Adding a method").
+
+Examples:
+  >>> from dett_jax import methods
+  >>> methods.get("dett").needs_teacher, methods.get("erm").reweight
+  (True, False)
+  >>> "gdro" in methods.names()
+  True
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def parse(methods: str) -> list[str]:
 for _cls in (FeatureMatching, ERM, KD, KDUp, SimKD, DeTTNoTransplant, JTT, DeTTHead, DeTTStd,
              GroupDRO):
   register(_cls)
+BUILTIN = tuple(_REGISTRY)  # the package's own methods (plug-ins add to `names()`)
 
 # The debiased teachers `teacher.debias` may list (docs/design.md, "Debiased teachers").
 TEACHER_DEBIAS = ("dfr", "gdro")
@@ -67,6 +71,6 @@ def parse_debias(debias: str) -> list[str]:
 
 __all__ = ["Method", "Models", "Setup", "register", "get", "names", "parse", "apply_module",
            "apply_projector", "matched_feature_loss", "transplanted_logits", "teacher_outputs",
-           "example_weights", "accuracy", "pool", "TEACHER_DEBIAS", "parse_debias",
+           "example_weights", "accuracy", "pool", "BUILTIN", "TEACHER_DEBIAS", "parse_debias",
            "ERM", "JTT", "KD", "KDUp", "GroupDRO", "FeatureMatching", "SimKD",
            "DeTTNoTransplant", "DeTTHead", "DeTTStd"]

@@ -42,6 +42,14 @@ class Models:
       projector and a head on its `feature_map`).
     projector: module mapping the student's feature map to the teacher's, or None.
     teacher: the teacher backbone (returns `feature_map` and `features`), or None.
+
+  Examples:
+    >>> from dett_jax import Models, Projector, create_resnet
+    >>> models = Models(student=create_resnet(10, None, width=0.0625, stem="small"),
+    ...                 projector=Projector("linear", teacher_channels=64),
+    ...                 teacher=create_resnet(18, 2, width=0.125, stem="small"))
+    >>> models.projector.kind
+    'linear'
   """
 
   student: nn.Module
@@ -134,6 +142,33 @@ class Method:
     student_head: the student backbone keeps its own classifier head.
     no_transplant: the name of the same method without a transplanted head, for the
       sweeps' `transplant` axis (None: the axis does not apply).
+
+  Examples:
+    A method of your own: ERM with label smoothing, registered and trained by the same
+    step as every built-in method.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+    >>> from dett_jax import Method, Models, TrainState, make_train_step, methods
+    >>> @methods.register
+    ... class SmoothERM(Method):
+    ...   name = "smooth_erm"
+    ...   def loss(self, params, collections, batch, frozen, rng=None):
+    ...     out, collections = self.forward(params, collections, batch, frozen, True, rng)
+    ...     targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], 2), 0.1)
+    ...     loss = optax.softmax_cross_entropy(out["logits"], targets).mean()
+    ...     return self.finish(loss, out, collections, batch)
+    >>> class Linear(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train=False):
+    ...     return {"logits": nn.Dense(2)(x.reshape(x.shape[0], -1))}
+    >>> method = methods.get("smooth_erm")(Models(student=Linear()))
+    >>> images, tx = jnp.ones((4, 2, 2, 3)), optax.sgd(0.1)
+    >>> state = TrainState.create({"student": Linear().init(jax.random.key(0), images)["params"]},
+    ...                           {"student": {}}, tx)
+    >>> batch = {"image": images, "label": jnp.array([0, 1, 0, 1])}
+    >>> state, metrics = jax.jit(make_train_step(method, tx))(state, batch, {})
+    >>> int(state.step), sorted(metrics)[:2]
+    (1, ['grad_norm', 'loss'])
   """
 
   name: ClassVar[str] = ""

@@ -8,7 +8,7 @@ space; the loss is the example-weighted MSE to the teacher's feature map (docs/d
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -45,7 +45,7 @@ def apply_projector(projector: nn.Module | None, params: Tree, collections: Tree
 
 def matched_feature_loss(projected: jax.Array, teacher_map: jax.Array, weights: jax.Array,
                          match: str = "map", scale: jax.Array | None = None,
-                         pool_fn=None) -> jax.Array:
+                         pool_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """`objectives.feature_loss` after aligning the maps (image maps `[b, h, w, c]` are
   average-pooled to the smaller size, `align_spatial`); `match="pooled"` compares the
   pooled features (`pool_fn`, default: the mean over the non-channel axes). `scale` `[c]`
@@ -73,7 +73,7 @@ def matched_feature_loss(projected: jax.Array, teacher_map: jax.Array, weights: 
 
 
 def transplanted_logits(head: Mapping[str, jax.Array], projected: jax.Array,
-                        pool_fn=None) -> jax.Array:
+                        pool_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """h_T(pool(projected)): logits `[b, k]` of the head on the pooled projected map.
 
   Examples:

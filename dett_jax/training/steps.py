@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import Mesh
 
 from dett_jax.methods.base import Method, Models, pool, teacher_outputs
@@ -29,7 +30,8 @@ Batch = dict[str, jnp.ndarray]
 Tree = Any
 
 
-def make_train_step(method: Method, tx, rng: jax.Array | None = None) -> Callable:
+def make_train_step(method: Method, tx: optax.GradientTransformation,
+                    rng: jax.Array | None = None) -> Callable:
   """`step(state, batch, frozen) -> (state, metrics)`: the guarded update
   (`training.update.update`) of `method.loss`, after `method.batch_inputs` (the teacher's
   outputs for methods that need them); `rng` (folded with the step) feeds the loss.
@@ -64,7 +66,7 @@ def make_train_step(method: Method, tx, rng: jax.Array | None = None) -> Callabl
   return step
 
 
-def variant_update(method: Method, tx, state: TrainState, variant: Tree, batch: Batch,
+def variant_update(method: Method, tx: optax.GradientTransformation, state: TrainState, variant: Tree, batch: Batch,
                    shared: Tree) -> tuple[TrainState, dict]:
   """The update of one stacked variant: its example weights (`variant["weights"]` `[n]`,
   gathered with `batch["index"]`), key (`variant["rng"]`, raw key data) and learning-rate
@@ -74,7 +76,7 @@ def variant_update(method: Method, tx, state: TrainState, variant: Tree, batch: 
   return update(method.loss, tx, state, batch, shared, rng, variant["lr_scale"])
 
 
-def make_stacked_train_step(method: Method, tx) -> Callable:
+def make_stacked_train_step(method: Method, tx: optax.GradientTransformation) -> Callable:
   """`step(states, batch, frozen) -> (states, metrics)`: `variant_update` `jax.vmap`-ed
   over k variants whose state leaves carry a leading `[k]` axis;
   `frozen["variants"]` holds `weights [k, n]`, `rng [k, 2]` and `lr_scale [k]`. The
@@ -137,6 +139,23 @@ def make_eval_step(models: Models, method: Method | None, num_groups: int,
   `projected` map, `feature_diagnostics` are included; without (model selection) the
   teacher is not run for students. Teacher outputs carried by the batch are used instead
   of running the teacher.
+
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from dett_jax import Models, make_eval_step, methods
+    >>> class Linear(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train=False):
+    ...     return {"logits": nn.Dense(2)(x.reshape(x.shape[0], -1))}
+    >>> erm = methods.get("erm")(Models(student=Linear()))
+    >>> images = jnp.ones((4, 2, 2, 3))
+    >>> variables = {"params": {"student": Linear().init(jax.random.key(0), images)["params"]},
+    ...              "collections": {"student": {}}}
+    >>> batch = {"image": images, "label": jnp.array([0, 1, 0, 1]), "group": jnp.array([0, 1, 2, 3]),
+    ...          "mask": jnp.ones(4)}
+    >>> sums = jax.jit(make_eval_step(erm.models, erm, num_groups=4))(variables, batch, {})
+    >>> sums["count"].tolist()
+    [1.0, 1.0, 1.0, 1.0]
   """
   run_teacher = models.teacher is not None and (method is None or diagnostics)
 
