@@ -79,7 +79,7 @@ def run(config) -> None:
   from dett_jax.data import DataError
   from dett_jax.experiment import train_and_evaluate
   from dett_jax.training.loop import Diverged, Interrupted
-  from dett_jax.validation import WorkdirError
+  from dett_jax.workdir import WorkdirError
   from dett_jax.validation import ConfigError
   logging.set_verbosity(logging.INFO)
   try:

@@ -25,8 +25,8 @@ from dett_jax.stages.context import Context
 from dett_jax.stages.students import identification, student
 from dett_jax.stages.teachers import pretrain, teachers
 from dett_jax.training.loop import MetricLogger, StopSignals
-from dett_jax.validation import (batch_sizes, check_schedules, check_workdir_config,
-                                 check_workdir_writable, validate_config)
+from dett_jax.validation import batch_sizes, check_schedules, validate_config
+from dett_jax.workdir import check_workdir_config, check_workdir_writable
 
 
 def import_plugins(config: ml_collections.ConfigDict) -> None:

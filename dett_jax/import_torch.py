@@ -14,17 +14,15 @@ or from Python:
   print(report.summary())
 
 `.safetensors` files need only the `safetensors` package; `.pt/.pth/.bin` files need torch
-(`pip install 'dett-jax[torch]'`) and are read with `weights_only=True`, so pickled
-arbitrary objects are refused rather than executed. This module imports torch only
-when reading such a file.
+(`pip install 'dett-jax[torch]'`, imported only then) and are read with `weights_only=True`,
+so pickled arbitrary objects are refused rather than executed.
 
-Mapping (torch -> Flax): `conv1`/`bn1` -> `conv_init`/`bn_init`; block `j` of
-`layer{i}` -> `BasicBlock_k`/`BottleneckBlock_k` (blocks numbered across stages) with
-`conv{n}`/`bn{n}` -> `Conv_{n-1}`/`BatchNorm_{n-1}` and `downsample.0`/`downsample.1` ->
-`conv_proj`/`norm_proj`; `fc` -> `head`. Conv weights `[O, I, kh, kw]` become kernels
-`[kh, kw, I, O]`, `fc.weight [C, D]` becomes the kernel `[D, C]`; BN `weight`, `bias`,
-`running_mean`, `running_var` become `scale`, `bias`, `mean`, `var`
-(`num_batches_tracked` is ignored).
+Mapping (torch -> Flax): `conv1`/`bn1` -> `conv_init`/`bn_init`; block `j` of `layer{i}` ->
+`BasicBlock_k`/`BottleneckBlock_k` (blocks numbered across stages) with `conv{n}`/`bn{n}` ->
+`Conv_{n-1}`/`BatchNorm_{n-1}` and `downsample.0`/`downsample.1` -> `conv_proj`/`norm_proj`;
+`fc` -> `head`. Conv weights `[O, I, kh, kw]` become kernels `[kh, kw, I, O]`, `fc.weight
+[C, D]` the kernel `[D, C]`; BN `weight`, `bias`, `running_mean`, `running_var` become
+`scale`, `bias`, `mean`, `var` (`num_batches_tracked` is ignored).
 """
 
 from __future__ import annotations
@@ -49,6 +47,7 @@ TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 WRAPPER_KEYS = ("state_dict", "model")
 IGNORED_SUFFIXES = (".num_batches_tracked",)
 BN_LEAVES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")
 
 
 class TorchImportError(ValueError):
@@ -75,9 +74,6 @@ class ImportReport:
     if self.unused:
       lines.append("unused: " + _abbreviate(self.unused))
     return "\n".join(lines)
-
-
-LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")
 
 
 def _torch_order(key: str, module_rank: Mapping[str, int]) -> tuple:
@@ -262,10 +258,8 @@ def describe_state_dict(state_dict: Mapping[str, np.ndarray]) -> str:
     if len(shape) == 4:
       parts.append(f"width {shape[0] / 64:g} ({shape[0]} stem channels)")
       parts.append(f"stem {'imagenet' if shape[2] == 7 else 'small'}")
-  if "fc.weight" in state_dict:
-    parts.append(f"num_classes {state_dict['fc.weight'].shape[0]}")
-  else:
-    parts.append("no fc")
+  parts.append(f"num_classes {state_dict['fc.weight'].shape[0]}" if "fc.weight" in state_dict
+               else "no fc")
   return "the file looks like " + ", ".join(parts)
 
 
@@ -308,8 +302,7 @@ def torchvision_to_flax(
   arch = (f"--depth={depth} --width={width:g} --stem={stem} "
           f"--num_classes={num_classes if num_classes else 'none'}")
 
-  used, missing = set(), []
-  mismatches = []
+  used, missing, mismatches = set(), [], []
 
   def fill(path, leaf):
     flax_path = tuple(str(getattr(p, "key", p)) for p in path)

@@ -20,9 +20,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dett_jax.io import (replace_atomic as _replace_atomic, to_builtin as _to_builtin,
-                         write_json_atomic, write_text_atomic as _write_text_atomic)
+from dett_jax.io import write_json_atomic, write_text_atomic as _write_text_atomic
 from dett_jax.report import MISSING, format_percent, format_table
+from dett_jax.study_input import (builtin_value, canonical_variant, check_runs, clean_run,
+                                  validate_axes, value_key)
+from dett_jax.study_plots import plot_panels
 
 SPLITS = ("val", "test")
 KINDS = ("worst_group_acc", "avg_acc", "adj_avg_acc")
@@ -38,34 +40,9 @@ SELECTION = ("The best variant is the one with the highest mean validation "
 _TIE_TOL = 1e-12
 
 
-def _builtin(value: Any) -> Any:
-  """Numpy/jax scalars -> Python scalars; other values unchanged."""
-  if isinstance(value, (str, bool, int, float)) or value is None:
-    return value
-  try:
-    return _to_builtin(value)
-  except TypeError:
-    return value
-
-
-def _value_key(value: Any, where: str) -> tuple[str, Any]:
-  """Type-aware identity of an axis value (True != 1, but 5 == 5.0)."""
-  value = _builtin(value)
-  if isinstance(value, bool):
-    return ("bool", value)
-  if isinstance(value, (int, float)):
-    if not math.isfinite(value):
-      raise ValueError(f"{where}: axis value {value!r} is not finite.")
-    return ("num", float(value))
-  if isinstance(value, str):
-    return ("str", value)
-  raise ValueError(f"{where}: axis value {value!r} has type "
-                   f"{type(value).__name__}; expected str, int, float or bool.")
-
-
 def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
   """The metric as a float, or None when absent (missing, None, NaN, inf)."""
-  value = _builtin(metrics.get(key))
+  value = builtin_value(metrics.get(key))
   if value is None or isinstance(value, bool):
     return None
   try:
@@ -73,18 +50,6 @@ def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
   except (TypeError, ValueError):
     return None
   return value if math.isfinite(value) else None
-
-
-def _clean(obj: Any) -> Any:
-  """Deep copy with builtin scalars and non-finite floats as None (valid JSON)."""
-  if isinstance(obj, Mapping):
-    return {str(k): _clean(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_clean(v) for v in obj]
-  obj = _builtin(obj)
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  return obj
 
 
 def _summary(values: Sequence[float | None]) -> dict[str, Any]:
@@ -107,55 +72,6 @@ def _label(variant: Mapping[str, Any]) -> str:
   return ", ".join(f"{axis}={value}" for axis, value in variant.items())
 
 
-def _validate_axes(axes: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
-  if not isinstance(axes, Mapping):
-    raise ValueError(f"axes must be a dict axis -> list of values, got "
-                     f"{type(axes).__name__}.")
-  clean: dict[str, list[Any]] = {}
-  for axis, values in axes.items():
-    if not isinstance(axis, str):
-      raise ValueError(f"Axis name {axis!r} must be a string.")
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-      raise ValueError(f"axes[{axis!r}] must be a list of values, got "
-                       f"{values!r}.")
-    seen: dict[tuple[str, Any], Any] = {}
-    for value in values:
-      key = _value_key(value, f"axes[{axis!r}]")
-      if key in seen:
-        raise ValueError(f"axes[{axis!r}] lists {value!r} twice "
-                         f"(as {seen[key]!r} and {value!r}).")
-      seen[key] = value
-    clean[axis] = [_builtin(v) for v in values]
-  return clean
-
-
-def _canonical_variant(run: Any, index: int,
-                       axes: Mapping[str, list[Any]]) -> dict[str, Any]:
-  """The run's variant with each value replaced by its entry in `axes`."""
-  if not isinstance(run, Mapping):
-    raise ValueError(f"runs[{index}] must be a dict, got {type(run).__name__}.")
-  where = f"runs[{index}] ({run.get('name', 'unnamed')!r})"
-  variant = run.get("variant", {})
-  if not isinstance(variant, Mapping):
-    raise ValueError(f"{where}: 'variant' must be a dict axis -> value, got "
-                     f"{variant!r}.")
-  unknown = [axis for axis in variant if axis not in axes]
-  if unknown:
-    raise ValueError(f"{where}: variant has axes {unknown} that are not in "
-                     f"axes (known: {list(axes)}).")
-  canonical = {}
-  for axis in axes:  # Axis order, not the run's key order.
-    if axis not in variant:
-      continue
-    key = _value_key(variant[axis], where)
-    matches = [v for v in axes[axis] if _value_key(v, where) == key]
-    if not matches:
-      raise ValueError(f"{where}: value {variant[axis]!r} of axis {axis!r} is "
-                       f"not one of axes[{axis!r}] = {axes[axis]!r}.")
-    canonical[axis] = matches[0]
-  return canonical
-
-
 def _sort_key(variant: Mapping[str, Any],
               axes: Mapping[str, list[Any]]) -> tuple[int, ...]:
   """Sweep order: by each axis's value index; a missing axis sorts last."""
@@ -163,7 +79,7 @@ def _sort_key(variant: Mapping[str, Any],
   for axis, values in axes.items():
     if axis in variant:
       key.append(next(i for i, v in enumerate(values)
-                      if _value_key(v, axis) == _value_key(variant[axis], axis)))
+                      if value_key(v, axis) == value_key(variant[axis], axis)))
     else:
       key.append(len(values))
   return tuple(key)
@@ -185,42 +101,32 @@ def _pick_best(variants: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
   return dict(candidates[0]) if candidates else None
 
 
-def build_study(runs: Sequence[Mapping[str, Any]],
-                axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
-  """The study dict of `write_study` (validates input; writes nothing)."""
-  axes = _validate_axes(axes)
-  if not isinstance(runs, Sequence) or isinstance(runs, (str, bytes)):
-    raise ValueError(f"runs must be a list of run dicts, got "
-                     f"{type(runs).__name__}.")
-  if not runs:
-    raise ValueError("runs is empty: a study needs at least one run.")
-
+def _group_runs(runs: Sequence[Mapping[str, Any]], axes: Mapping[str, list[Any]]
+                ) -> tuple[list[dict[str, Any]], dict[tuple, list[dict[str, Any]]]]:
+  """(the clean runs in input order, variant key -> its clean runs); refuses a (variant,
+  seed) pair that occurs twice."""
   clean_runs = []
   groups: dict[tuple, list[dict[str, Any]]] = {}
   for i, run in enumerate(runs):
-    variant = _canonical_variant(run, i, axes)
+    variant = canonical_variant(run, i, axes)
     where = f"runs[{i}] ({run.get('name', 'unnamed')!r})"
-    seed = _builtin(run.get("seed"))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-      raise ValueError(f"{where}: 'seed' must be an int, got {seed!r}.")
-    metrics = run.get("metrics", {})
-    if metrics is None:
-      metrics = {}
-    if not isinstance(metrics, Mapping):
-      raise ValueError(f"{where}: 'metrics' must be a dict, got {metrics!r}.")
-    clean = _clean(dict(run))
-    clean.update(variant=_clean(variant), seed=seed, metrics=_clean(metrics))
-    key = tuple((axis, _value_key(value, where))
+    clean = clean_run(run, variant, where)
+    key = tuple((axis, value_key(value, where))
                 for axis, value in variant.items())
     for other in groups.get(key, []):
-      if other["seed"] == seed:
+      if other["seed"] == clean["seed"]:
         raise ValueError(
-            f"{where}: variant {_label(variant)} with seed {seed} occurs "
+            f"{where}: variant {_label(variant)} with seed {clean['seed']} occurs "
             f"twice (also as {other.get('name', 'unnamed')!r}); each "
             "(variant, seed) pair must be one run.")
     groups.setdefault(key, []).append(clean)
     clean_runs.append(clean)
+  return clean_runs, groups
 
+
+def _variant_rows(groups: Mapping[tuple, list[dict[str, Any]]],
+                  axes: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+  """One summary per variant, in sweep order."""
   variants = []
   for members in groups.values():
     variant = members[0]["variant"]
@@ -232,19 +138,33 @@ def build_study(runs: Sequence[Mapping[str, Any]],
         "metrics": _summaries(members),
     })
   variants.sort(key=lambda v: _sort_key(v["variant"], axes))
+  return variants
 
+
+def _per_axis(clean_runs: Sequence[Mapping[str, Any]],
+              axes: Mapping[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
+  """axis -> one row per value: the runs with that value, marginal over the rest."""
   per_axis: dict[str, list[dict[str, Any]]] = {}
   for axis, values in axes.items():
     rows = []
     for value in values:
-      vkey = _value_key(value, axis)
+      vkey = value_key(value, axis)
       members = [r for r in clean_runs if axis in r["variant"]
-                 and _value_key(r["variant"][axis], axis) == vkey]
+                 and value_key(r["variant"][axis], axis) == vkey]
       rows.append({"value": value, "n_runs": len(members),
                    "metrics": _summaries(members)})
     per_axis[axis] = rows
+  return per_axis
 
-  study = {"axes": axes, "runs": clean_runs, "per_axis": per_axis,
+
+def build_study(runs: Sequence[Mapping[str, Any]],
+                axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+  """The study dict of `write_study` (validates input; writes nothing)."""
+  axes = validate_axes(axes)
+  check_runs(runs)
+  clean_runs, groups = _group_runs(runs, axes)
+  variants = _variant_rows(groups, axes)
+  study = {"axes": axes, "runs": clean_runs, "per_axis": _per_axis(clean_runs, axes),
            "variants": variants, "best": _pick_best(variants),
            "selection": SELECTION}
   if "method" in axes:  # equal tuning: each method's best of the same grid
@@ -349,47 +269,15 @@ def _markdown(study: Mapping[str, Any]) -> str:
   return "\n".join(parts)
 
 
-def _series(summaries: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, ...]:
-  mean = [np.nan if s["mean"] is None else 100.0 * s["mean"]
-          for s in summaries]
-  std = [np.nan if s["std"] is None else 100.0 * s["std"] for s in summaries]
-  return np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
-
-
 def _plot(study: Mapping[str, Any], path: str) -> None:
-  """One subplot per axis: mean ± std val and test worst-group accuracy."""
-  # pylint: disable=g-import-not-at-top
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  # pylint: enable=g-import-not-at-top
-
+  """study.png: one subplot per axis (`study_plots.plot_panels`); a single panel over all
+  runs when no axis is swept."""
   panels = [(axis, [str(r["value"]) for r in rows],
              [r["metrics"] for r in rows])
             for axis, rows in study["per_axis"].items()]
-  if not panels:  # No swept axis: a single panel over all runs.
+  if not panels:
     panels = [("all runs", ["all"], [_summaries(study["runs"])])]
-  fig, subplots = plt.subplots(
-      1, len(panels), squeeze=False,
-      figsize=(sum(max(3.0, 0.9 * len(p[1]) + 1.5) for p in panels), 3.8))
-  try:
-    for ax, (axis, labels, metrics) in zip(subplots[0], panels):
-      x = np.arange(len(labels), dtype=np.float64)
-      for offset, split, marker in ((-0.08, "val", "o"), (0.08, "test", "s")):
-        mean, std = _series([m[f"{split}/worst_group_acc"] for m in metrics])
-        ax.errorbar(x + offset, mean, yerr=std, fmt=marker, capsize=4,
-                    label=split)
-      ax.set_xticks(x)
-      ax.set_xticklabels(labels)
-      ax.set_xlim(-0.5, len(labels) - 0.5)
-      ax.set_xlabel(axis)
-      ax.set_ylabel("worst-group accuracy (%)")
-      ax.set_title(axis)
-      ax.legend(fontsize="small")
-    fig.tight_layout()
-    _replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-  finally:
-    plt.close(fig)
+  plot_panels(panels, path)
 
 
 def write_study(runs: list[dict], axes: dict[str, list],

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import tiny_config
 from dett_jax.experiment import train_and_evaluate
-from dett_jax.validation import ConfigError, check_workdir_config, validate_config
+from dett_jax.validation import ConfigError, validate_config
+from dett_jax.workdir import check_workdir_config
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -256,7 +257,7 @@ def test_every_shipped_config_validates():
 
 def test_readme_names_exactly_the_fields_a_resume_may_change():
   import re
-  from dett_jax.validation import NON_RESULT_FIELDS
+  from dett_jax.workdir import NON_RESULT_FIELDS
   readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
   start = readme.index("A run can resume with a different number of processes")
   paragraph = readme[start:readme.index("Tested on one", start)]

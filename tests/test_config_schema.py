@@ -182,7 +182,7 @@ def _with(config, **fields):
 
 
 def test_a_workdir_of_an_older_config_without_newer_fields_resumes(tmp_path):
-  from dett_jax.validation import check_workdir_config
+  from dett_jax.workdir import check_workdir_config
   config = complete(load_config("tiny"))
   older = json.loads(config.to_json())
   del older["small_map_conv"], older["distill"]["optim"]["augment"], older["data"]["crop_scale"]

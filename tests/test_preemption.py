@@ -21,7 +21,7 @@ from dett_jax.training import loop
 from dett_jax.checkpoints import CheckpointMismatch, checksum
 from dett_jax.training.loop import Diverged, FitSpec, Interrupted, MetricLogger, fit
 from dett_jax.training.state import TrainState
-from dett_jax.validation import WorkdirError, check_workdir_writable
+from dett_jax.workdir import WorkdirError, check_workdir_writable
 
 # ---------------------------------------------------------------------------
 # The loop on a small linear model (fast): integrity, mismatch, divergence, periodic saves.

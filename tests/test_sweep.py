@@ -46,7 +46,7 @@ def test_variants_product_subset_and_groups():
   # upsampling changes the data: lambda_up splits the groups
   assert [len(g) for g in group_variants(all_variants, "upsample")] == [3, 3, 3, 3]
   assert [len(g) for g in group_variants(all_variants, "loss_weight", stack=False)] == [1] * 12
-  from dett_jax.validation import _non_result  # a workdir may be re-run with other axes
+  from dett_jax.workdir import _non_result  # a workdir may be re-run with other axes
   assert _non_result("sweep.axes.seed") and not _non_result("sweep.method")
   key = (("projector", "simkd"),)  # another subset of the same group: another stage
   assert group_stage_name(key, groups[1]).startswith("sweep_projector=simkd_")

@@ -13,14 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from dett_jax.config_schema import DATA_SETS, complete_data
+from dett_jax.data import celeba, synthetic, synthetic_marks
 from dett_jax.data.images import Preprocess
+from dett_jax.data.metadata_csv import load_metadata_folder
 from dett_jax.data.split import DataError, Split
 
 LOADERS = DATA_SETS  # synthetic, synthetic_marks, metadata_csv, celeba
 # Built-in benchmarks generated in memory: data.name -> module with `splits_from_config`,
 # `split_size`, `pretraining_from_config` and `PRETRAINING_CLASSES`.
-GENERATED = {"synthetic": "dett_jax.data.synthetic",
-             "synthetic_marks": "dett_jax.data.synthetic_marks"}
+GENERATED = {"synthetic": synthetic, "synthetic_marks": synthetic_marks}
 
 
 def load_splits(data_config: Any) -> dict[str, Split]:
@@ -47,12 +48,10 @@ def load_splits(data_config: Any) -> dict[str, Split]:
   if name in GENERATED:
     return generated_benchmark(name).splits_from_config(data_config)
   if name == "metadata_csv":
-    from dett_jax.data.metadata_csv import load_metadata_folder
     return load_metadata_folder(data_config.root, attr_column=data_config.attr_column,
                                 num_classes=data_config.num_classes,
                                 check_images=data_config.check_images)
   if name == "celeba":
-    from dett_jax.data import celeba
     if data_config.source == "csv":
       return celeba.load_celeba_csv(data_config.root, target=data_config.target,
                                     spurious=data_config.spurious,
@@ -66,10 +65,7 @@ def load_splits(data_config: Any) -> dict[str, Split]:
 
 def generated_benchmark(name: str) -> Any | None:
   """The module of the built-in benchmark `name` (see `GENERATED`), or None for data on disk."""
-  if name not in GENERATED:
-    return None
-  import importlib
-  return importlib.import_module(GENERATED[name])
+  return GENERATED.get(name)
 
 
 def pretraining_classes(data_config: Any) -> int:
