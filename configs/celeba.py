@@ -22,7 +22,7 @@ Where each value comes from (checked against the public code of each paper):
   grid in `dfr_evaluate_spurious.py`), 20 averaged refits.
 - Identification (T_id) and lambda_up: JTT README for CelebA: ERM for T = 1 epoch,
   lambda_up = 50, SGD momentum 0.9, lr 1e-5, weight decay 0.1, batch 64, no augmentation
-  (JTT's code gives lambda_up + 1 copies; here lambda_up, DESIGN.md section 2).
+  (JTT's code gives lambda_up + 1 copies; here lambda_up, docs/design.md, "Reweighting").
 - Student distillation: the DeTT paper's own optimizer values could not be checked here;
   this uses the DFR base-model recipe above (SGD, lr 1e-3, wd 1e-4, batch 128, 50
   epochs) with selection by validation worst-group accuracy. A starting point, not the

@@ -13,7 +13,7 @@ variance and the attribute about 70%, so a network's feature variance is dominat
 the spurious signal while a debiased (DFR) head must read a low-variance core direction:
 the case where DeTT's feature MSE, which weighs feature directions by their variance,
 can miss what the transplanted head reads (see dett_jax/data/synthetic_marks.py and
-DESIGN.md, "Why feature matching can miss the head").
+docs/design.md, "Why feature matching can miss the head").
 
 Same networks, methods and splits' group proportions as the demo (training split 95%
 correlated with Waterbirds' proportions; val/test balanced within each class); the

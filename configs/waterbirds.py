@@ -29,7 +29,7 @@ Where each value comes from (checked against the public code of each paper):
 - Identification (T_id) and lambda_up: JTT README for CUB/Waterbirds: ERM for T = 60
   epochs, lambda_up = 100, SGD momentum 0.9, lr 1e-5, weight decay 1.0, batch 64, no
   augmentation. (JTT's code adds lambda_up extra copies, so an error-set example appears
-  lambda_up + 1 times; here it appears lambda_up times, DESIGN.md section 2.)
+  lambda_up + 1 times; here it appears lambda_up times, docs/design.md, "Reweighting".)
 - Student distillation: the DeTT paper's own optimizer values could not be checked here;
   this uses the DFR base-model recipe above (SGD, lr 1e-3, wd 1e-3, batch 32, 100
   epochs, constant rate), with the student selected by validation worst-group accuracy

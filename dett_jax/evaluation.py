@@ -40,7 +40,7 @@ def accumulate(eval_step: Callable, variables: Any, frozen: Any, split: Split, m
 
 def split_metrics(sums: dict[str, np.ndarray], train_counts: np.ndarray, split: str,
                   num_attrs: int) -> dict[str, float]:
-  """Metrics named as DESIGN.md section 5, plus agreement and feature error when present."""
+  """Metrics named as in docs/design.md, "Metric names", plus agreement and feature error when present."""
   metrics = group_accuracy_metrics(sums["correct"], sums["count"], train_counts, split=split,
                                    num_attrs=num_attrs)
   if "agree" in sums:

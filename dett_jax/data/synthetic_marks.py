@@ -17,7 +17,7 @@ attribute dominates the variance of the input and of a network's features, and a
 debiased last layer must read a low-variance direction. That is the case where DeTT's
 feature MSE (which weighs directions by their variance) can match the dominant,
 spurious directions well and the core direction poorly, so the student disagrees with
-the transplanted head even at a small relative feature error (DESIGN.md, "Why feature
+the transplanted head even at a small relative feature error (docs/design.md, "Why feature
 matching can miss the head").
 
 A tint is unchanged by the pipeline's horizontal flip, and marks keep a margin from the

@@ -1,4 +1,4 @@
-"""Projectors p: student feature map -> teacher feature shape (DESIGN.md section 2.4)."""
+"""Projectors p: student feature map -> teacher feature shape (docs/design.md, "Projector")."""
 
 from __future__ import annotations
 
