@@ -8,6 +8,14 @@ Several processes (hosts): start the same command once per process with
 variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or with
 `--distributed=auto` on a cluster JAX detects (SLURM, Open MPI, TPU); see
 `dett_jax/distributed.py`.
+
+The console (process 0): progress bars, one line per finished stage (its time and
+headline metric), warnings, and at the end the results table (report.md's) and the
+paths of the report, the plots and the TensorBoard logs; a sweep prints one line per
+group and the study's paths. Library INFO records (Orbax's checkpointing, absl, JAX) are
+hidden by default (WARNING and above show). absl's `-v/--verbosity` flag shows them:
+`--verbosity=0` (`-v 0`) every INFO record, `--verbosity=1` DEBUG as well
+(`--logger_levels=NAME:LEVEL` sets single Python loggers, e.g. `jax:DEBUG`).
 """
 
 import os
@@ -40,6 +48,7 @@ EXIT_PEER_LOST = 7  # another process of a multi-process run died; re-run every 
 
 def main(argv):
   del argv
+  configure_console()  # before anything logs (the distributed start-up does)
   from dett_jax.config_schema import ConfigError, complete
   try:  # every field the run reads (dett_jax/config_schema.py); an undeclared one refused
     config = complete(FLAGS.config)
@@ -81,13 +90,13 @@ def run(config) -> None:
   from dett_jax.training.loop import Diverged, Interrupted
   from dett_jax.workdir import WorkdirError
   from dett_jax.validation import ConfigError
-  logging.set_verbosity(logging.INFO)
+  from dett_jax import console
   try:
     if "sweep" in config:  # an ablation config (configs/ablation.py)
       from dett_jax.sweep import run_sweep
-      run_sweep(config, FLAGS.workdir)
+      console.study(run_sweep(config, FLAGS.workdir)["study"], FLAGS.workdir)
     else:
-      train_and_evaluate(config, FLAGS.workdir)
+      console.results(train_and_evaluate(config, FLAGS.workdir), FLAGS.workdir)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   except DataError as e:
@@ -102,6 +111,17 @@ def run(config) -> None:
   except (CheckpointMismatch, WorkdirError) as e:
     print(f"storage error: {e}", file=sys.stderr)
     sys.exit(EXIT_STORAGE)
+
+
+def configure_console() -> None:
+  """Quiet unless `-v/--verbosity` is given: absl (and with it Orbax, which logs through
+  absl) and every Python logger (JAX, grain, ...) at WARNING; with the flag, absl's own
+  handling of its value (0: INFO, 1: DEBUG). Stage lines and the results go to stdout
+  through `dett_jax.console` either way."""
+  from dett_jax import console
+  if not FLAGS["verbosity"].present:  # absl raises its default to INFO after parsing
+    logging.set_verbosity(logging.WARNING)
+  console.enable()
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ correlated with Waterbirds' proportions; val/test balanced within each class); t
 pretraining task is 8 marks x 4 colour fields, uncorrelated, labelled by mark. Smaller
 than the demo, to run in ~4-5 minutes on 2 shared CPU cores: 1500 training examples,
 1000 val, 1500 test, 3000 pretraining examples; the demo's epochs. Measured (test, seed 0):
-ERM teacher 45% worst group, DFR teacher 87%, DeTT student 85% (see README).
+ERM teacher 45% worst group, DFR teacher 87%, DeTT student 85% (see docs/measurements.md).
 
 `:tiny` shrinks it to seconds for tests and smoke runs, as configs/tiny.py does the demo
 (16-pixel images with a 4x4 mark; tiny networks; one epoch per stage).

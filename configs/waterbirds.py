@@ -6,7 +6,7 @@ ResNet-18 student, 224 pixels.
 
 `--config.data.root` is all a user with the data needs to change. For the reference
 numbers, start both networks from ImageNet weights imported from torchvision (see the
-README, "Teachers and weights from PyTorch"):
+docs/data.md, "Teachers and weights from PyTorch"):
 
       --config.teacher.init=weights/resnet50_imagenet --config.student.init=weights/resnet18_imagenet
 

@@ -241,7 +241,7 @@ def _distill() -> ConfigDict:
   """The students: methods, the teacher they distil, reweighting, losses, optimizer."""
   distill = ConfigDict(dict(
       # dett_head: DeTT whose matching sees the transplanted head, the recommended
-      # variant (README, "DeTT fidelity"); dett: the paper's method, beside it.
+      # variant (docs/measurements.md, "DeTT fidelity"); dett: the paper's method, beside it.
       methods="dett,dett_head,kd,kd_up,simkd,dett_no_transplant,erm,jtt",
       teacher="dfr",  # which teacher is distilled: "dfr", "gdro" (debiased) or "erm"
       lambda_up=20.0,  # weight (or copies) of the error set's examples

@@ -1,4 +1,5 @@
-"""Human-readable reports of evaluation results (markdown table + bar chart).
+"""Human-readable reports of evaluation results (markdown table, per-group bar chart and
+training curves).
 
 `write_report` expects results of the shape
 
@@ -19,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dett_jax.curves import write_curves
 from dett_jax.io import (replace_atomic as _replace_atomic, to_builtin as _to_builtin,
                          write_text_atomic as _write_text_atomic)
 
@@ -225,8 +227,27 @@ def _plot_groups(models: Mapping[str, Mapping[str, Any]],
     plt.close(fig)
 
 
+def _figures(models: Mapping[str, Mapping[str, Any]], groups: Sequence[str],
+             workdir: str) -> list[str]:
+  """Writes groups.png and (from the workdir's metrics.jsonl, when it has losses)
+  curves.png; returns the report's section showing them inline, each with a link."""
+  _plot_groups(models, groups, os.path.join(workdir, "groups.png"))
+  parts = ["## Figures\n",
+           "Test accuracy per group ([groups.png](groups.png)):\n",
+           "![test accuracy per group](groups.png)\n"]
+  if write_curves(workdir, "curves.png"):
+    parts += ["Training curves ([curves.png](curves.png)): per stage, the training loss per "
+              "epoch (mean of the logged losses; one line per variant of a sweep group) and, "
+              "where the stage evaluates, the validation worst-group accuracy per epoch "
+              "(dashed, right axis).\n",
+              "![training curves](curves.png)\n"]
+  return parts
+
+
 def write_report(results: Mapping[str, Any], workdir: str) -> None:
-  """Writes report.md and groups.png into `workdir` (both atomically).
+  """Writes report.md, groups.png and curves.png (`dett_jax.curves`: only when the
+  workdir has a metrics.jsonl with losses) into `workdir` (each atomically); report.md
+  shows the figures inline. Called by process 0 only.
 
   Args:
     results: {"config": {...}, "models": {NAME: {"role", "method", "metrics",
@@ -241,6 +262,7 @@ def write_report(results: Mapping[str, Any], workdir: str) -> None:
            "Accuracies in percent; " + MISSING + " marks a missing metric (e.g. a group "
            "absent from the split); worst group is the minimum over the groups present.\n",
            _main_table(models, groups)]
+  parts += _figures(models, groups, workdir)
   diagnostics = _diagnostics_table(models)
   if diagnostics is not None:
     parts += [
@@ -273,6 +295,4 @@ def write_report(results: Mapping[str, Any], workdir: str) -> None:
               json.dumps(results["config"], indent=2,
                          default=_to_builtin_or_str),
               "```\n"]
-  parts.append("![test accuracy per group](groups.png)\n")
   _write_text_atomic(os.path.join(workdir, "report.md"), "\n".join(parts))
-  _plot_groups(models, groups, os.path.join(workdir, "groups.png"))

@@ -6,7 +6,9 @@
    "seed": 0, "metrics": {"val/worst_group_acc": 0.81, "test/avg_acc": ..., ...}}
 
 into study.json (per-variant and per-axis mean/std over seeds), study.md
-(tables in percent) and study.png (worst-group accuracy against each axis).
+(tables in percent) and study.png (worst-group accuracy against each axis), plus
+study_curves.png (training curves, one line per sweep variant) from the workdir's
+metrics.jsonl when there is one.
 Metric keys follow `dett_jax.metrics.group_accuracy_metrics`. A missing (None
 or NaN) metric is absent: it is left out of n, means and stds, never a 0. The
 best variant is picked on validation worst-group accuracy only.
@@ -20,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dett_jax.curves import write_curves
 from dett_jax.io import write_json_atomic, write_text_atomic as _write_text_atomic
 from dett_jax.report import MISSING, format_percent, format_table
 from dett_jax.study_input import (builtin_value, canonical_variant, check_runs, clean_run,
@@ -244,7 +247,8 @@ def _per_method_table(best: Mapping[str, Any]) -> str:
                              "test average", "seeds"])
 
 
-def _markdown(study: Mapping[str, Any]) -> str:
+def _markdown(study: Mapping[str, Any], curves: bool = False) -> str:
+  """study.md; `curves`: study_curves.png was written (shown inline after study.png)."""
   parts = [
       "# Ablation study\n",
       f"{len(study['runs'])} runs, {len(study['variants'])} variants. "
@@ -265,7 +269,13 @@ def _markdown(study: Mapping[str, Any]) -> str:
               _axis_table(axis, rows)]
   parts += ["## All variants\n", _variants_table(study["variants"],
                                                  study["axes"])]
-  parts.append("![worst-group accuracy per axis](study.png)\n")
+  parts += ["## Figures\n", "Worst-group accuracy per axis ([study.png](study.png)):\n",
+            "![worst-group accuracy per axis](study.png)\n"]
+  if curves:
+    parts += ["Training curves ([study_curves.png](study_curves.png)): per stage, the "
+              "training loss per epoch, one line per variant of each sweep group, and, where "
+              "the stage evaluates, the validation worst-group accuracy per epoch (dashed, "
+              "right axis).\n", "![training curves](study_curves.png)\n"]
   return "\n".join(parts)
 
 
@@ -282,7 +292,9 @@ def _plot(study: Mapping[str, Any], path: str) -> None:
 
 def write_study(runs: list[dict], axes: dict[str, list],
                 workdir: str) -> dict:
-  """Writes study.json, study.md and study.png under workdir; returns the study dict.
+  """Writes study.json, study.md and study.png under workdir, and study_curves.png when
+  the workdir's metrics.jsonl (a sweep's log) has losses (`dett_jax.curves`: per stage,
+  one loss line per sweep variant); returns the study dict.
 
   Args:
     runs: one dict per trained run: {"name", "variant": {axis: value},
@@ -304,6 +316,7 @@ def write_study(runs: list[dict], axes: dict[str, list],
   study = build_study(runs, axes)
   os.makedirs(workdir, exist_ok=True)
   write_json_atomic(os.path.join(workdir, "study.json"), study)
-  _write_text_atomic(os.path.join(workdir, "study.md"), _markdown(study))
   _plot(study, os.path.join(workdir, "study.png"))
+  curves = write_curves(workdir, "study_curves.png")
+  _write_text_atomic(os.path.join(workdir, "study.md"), _markdown(study, curves))
   return study

@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dett_jax import distributed
+from dett_jax import console, distributed
 from dett_jax.evaluation import accumulate, split_metrics
 from dett_jax.experiment import setup_context
 from dett_jax.io import write_json_atomic
@@ -257,7 +257,7 @@ def train_groups(ctx: Context, selected: list[dict]) -> tuple[list[dict], dict]:
   """Teacher stages once, then every group as its own stage; (records, group stats)."""
   config = ctx.config
   groups = group_variants(selected, config.distill.reweight, config.sweep.stack)
-  logging.info("sweep: %d variant(s) in %d group(s)", len(selected), len(groups))
+  console.say(f"sweep: {len(selected)} variant(s) in {len(groups)} group(s)")
   _, teacher_vars, distill_head = teachers(ctx)
   student_pre = pretrain(ctx, "student")
   error_sets = error_sets_of(ctx, selected, student_pre)

@@ -180,7 +180,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
          f"pretrain.enabled=True trains on a built-in benchmark's pretraining task, which only "
          f"goes with data.name in ({', '.join(GENERATED)}); for data.name={data.name} set "
          "pretrain.enabled=False and give ImageNet weights as teacher.init/student.init (see "
-         "README, 'Teachers and weights from PyTorch')")
+         "docs/data.md, 'Teachers and weights from PyTorch')")
   if data.name not in GENERATED:
     _check(bool(data.root) or (data.name == "celeba" and data.source == "tfds"),
            "data.root is empty; give the data folder: --config.data.root=DIR")

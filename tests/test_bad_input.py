@@ -255,10 +255,10 @@ def test_every_shipped_config_validates():
       check_schedules(config, train_sizes[name])
 
 
-def test_readme_names_exactly_the_fields_a_resume_may_change():
+def test_docs_name_exactly_the_fields_a_resume_may_change():
   import re
   from dett_jax.workdir import NON_RESULT_FIELDS
-  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "docs", "scaling.md")).read()
   start = readme.index("A run can resume with a different number of processes")
   paragraph = readme[start:readme.index("Tested on one", start)]
   named = set(re.findall(r"`([a-z_.]+)`", paragraph)) - {"config.json", "configs/tiny.py"}

@@ -12,6 +12,8 @@ from dett_jax.data import DataError, load_splits, pretraining_classes, pretraini
 from dett_jax.data import synthetic, synthetic_marks
 from dett_jax.validation import known_train_size, validate_config
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 WATERBIRDS = np.array(synthetic.WATERBIRDS_TRAIN_GROUPS, float)
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import FAST_COMPILE
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -21,6 +21,8 @@ from dett_jax.data.synthetic import make_split
 from dett_jax.experiment import train_and_evaluate
 from dett_jax.validation import ConfigError, validate_config
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 TINY = {  # the pipeline at test size, for the real-data configs
     "data.image_size": 16, "data.eval_resize": 18, "data.workers": 0,
     "teacher.depth": 10, "teacher.width": 0.0625, "student.depth": 10, "student.width": 0.0625,

@@ -11,6 +11,8 @@ from conftest import tiny_config
 from dett_jax.experiment import train_and_evaluate
 from dett_jax import methods
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 ALL_METHODS = ",".join(methods.BUILTIN)
 
 

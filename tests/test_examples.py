@@ -21,6 +21,8 @@ import dett_jax
 import conftest
 from conftest import ROOT, load_config
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 EXAMPLES = ("custom_loop_linen", "nnx", "pretrained_teacher")
 
 

@@ -26,6 +26,8 @@ from dett_jax.transplant import dense_apply
 
 from conftest import load_config
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ml_collections.ConfigDict(dict(distill=dict(temperature=3.0, kd_ce_weight=0.0,
                                                      match="map", head_weight=0.7)))

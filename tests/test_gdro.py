@@ -23,6 +23,8 @@ from dett_jax import methods
 from dett_jax.training.loop import Interrupted
 from dett_jax.validation import ConfigError, validate_config
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 # ---------------------------------------------------------------------------
 # (a) The objective against a hand computation.
 # ---------------------------------------------------------------------------

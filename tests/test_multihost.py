@@ -21,6 +21,8 @@ from dett_jax import distributed
 from dett_jax.checkpoints import load_variables
 from dett_jax.sharding import make_mesh, replicated
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train.py", "--config=configs/tiny.py"]
 

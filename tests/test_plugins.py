@@ -14,12 +14,15 @@ import sys
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from conftest import load_config, tiny_config
 from dett_jax import methods, rng
 from dett_jax.checkpoints import load_variables
 from dett_jax.experiment import train_and_evaluate
 from dett_jax.sweep import run_sweep
+
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER_STAGES = ("pretrain_teacher", "teacher_erm", "teacher_dfr", "identification")

@@ -23,6 +23,8 @@ from dett_jax.training.loop import Diverged, FitSpec, Interrupted, MetricLogger,
 from dett_jax.training.state import TrainState
 from dett_jax.workdir import WorkdirError, check_workdir_writable
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 # ---------------------------------------------------------------------------
 # The loop on a small linear model (fast): integrity, mismatch, divergence, periodic saves.
 # ---------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from dett_jax.training.state import TrainState
 from dett_jax.training.steps import jit_train_step, make_train_step
 from test_steps import LOSS_CONFIG, batch, setup
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 MESHES = [("replicated", 8, 1), ("fsdp", 8, 1), ("fsdp", 4, 2), ("replicated", 4, 2)]
 
 

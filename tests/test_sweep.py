@@ -25,6 +25,8 @@ from dett_jax.training.steps import jit_train_step, make_stacked_train_step, mak
 from dett_jax.models.backend import Backend
 from test_steps import LOSS_CONFIG, batch, setup
 
+pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
+
 
 def host_copy(run):
   """`setup`'s (method, models, params, collections, frozen) with its arrays on the host."""

@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh
 
-from dett_jax import distributed, rng
+from dett_jax import console, distributed, rng
 from dett_jax.checkpoints import load_variables, mark_done, save_variables, stage_done
 from dett_jax.data import Preprocess, Split
 from dett_jax.data.pipeline import eval_batches, train_batches
@@ -123,7 +122,7 @@ def run_stage(ctx: Context, name: str, template: Tree | None, body) -> tuple[Tre
     raise Interrupted(f"stopped before stage {name} (signal {received}); re-run the same "
                       "command to resume")
   if record is not None:
-    logging.info("stage %s: done, loading its outputs", name)
+    console.stage_loaded(name, record)  # one line (train.py), else an INFO record
     variables = None
     if template is not None:
       variables = load_variables(os.path.join(stage_dir, "final"), replicate(template, ctx.mesh))
@@ -135,7 +134,7 @@ def run_stage(ctx: Context, name: str, template: Tree | None, body) -> tuple[Tre
   if variables is not None:
     save_variables(os.path.join(stage_dir, "final"), variables)
   mark_done(stage_dir, record)
-  logging.info("stage %s: finished in %.1fs", name, record["seconds"])
+  console.stage_finished(name, record)  # `stage NAME: 27 s, val worst group 67.8%, ...`
   return variables, record
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -196,6 +197,25 @@ def _on_nonfinite(stage: _Stage, run: _Progress, step: int, metrics: dict[str, A
   logging.warning("stage %s: step %d skipped: non-finite %s", spec.name, step, what)
 
 
+def _per_variant(host: list[dict[str, Any]], step: int, steps_per_epoch: int
+                 ) -> dict[str, float]:
+  """For stacked sweep variants (metrics `[k]`): each variant's mean loss over its finite
+  steps of the window (`loss/variant_<i>`) and the window's (1-based) `epoch`, for
+  `dett_jax.curves`; {} for a single model (scalar metrics), whose records stay as they were."""
+  losses = np.stack([np.asarray(m["loss"], np.float64) for m in host])  # [steps, k]
+  if losses.ndim != 2:
+    return {}
+  bad = np.stack([np.broadcast_to((np.asarray(m["nonfinite_loss"]) != 0)
+                                  | (np.asarray(m["nonfinite_grad"]) != 0), losses.shape[1:])
+                  for m in host])  # the flags are 0.0 / 1.0
+  out = {}
+  for i in range(losses.shape[1]):
+    kept = losses[~bad[:, i], i]
+    out[f"loss/variant_{i}"] = float(np.mean(kept if kept.size else losses[:, i]))
+  out["epoch"] = float(-(-step // steps_per_epoch))
+  return out
+
+
 def _flush(stage: _Stage, run: _Progress) -> None:
   """Logs the pending steps' mean metrics; stops at or counts non-finite steps."""
   spec = stage.spec
@@ -210,6 +230,7 @@ def _flush(stage: _Stage, run: _Progress) -> None:
           if not k.startswith("nonfinite_")}
   mean["steps_per_sec"] = len(host) / max(time.time() - run.window_start, 1e-9)
   mean["skipped_steps"] = float(len(run.meta["skipped_steps"]))
+  mean.update(_per_variant(host, run.pending[-1][0] + 1, spec.steps_per_epoch))
   run.window_start = time.time()
   stage.logger.write(spec.name, run.pending[-1][0] + 1, mean)
   stage.bar.set_postfix(loss=f"{mean['loss']:.4f}")
@@ -289,6 +310,14 @@ def _summary(spec: FitSpec, meta: dict[str, Any]) -> dict[str, Any]:
       "value": meta["best_value"]}, "skipped_steps": meta["skipped_steps"]}
 
 
+def _bar_options() -> dict[str, Any]:
+  """On a terminal, a bar vanishes when its stage ends (the stage's one line replaces it);
+  into a file or pipe, it redraws every 5 s and stays as one finished line, so that logs
+  hold few redraws and no blank lines where bars were cleared."""
+  interactive = sys.stderr is not None and sys.stderr.isatty()
+  return {"leave": False} if interactive else {"leave": True, "mininterval": 5.0}
+
+
 def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mesh: Mesh,
         logger: MetricLogger) -> tuple[dict[str, Any], dict[str, Any]]:
   """Trains `state` with the jitted `train_step`; returns (selected variables, summary).
@@ -305,7 +334,7 @@ def fit(spec: FitSpec, state: TrainState, train_step: Callable, frozen: Any, mes
   stop_at = total_steps if spec.stop_after_steps is None else min(
       total_steps, run.step + spec.stop_after_steps)
   bar = tqdm.tqdm(total=total_steps, initial=run.step, desc=spec.name, unit="step",
-                  disable=jax.process_index() != 0, dynamic_ncols=True, leave=False)
+                  disable=jax.process_index() != 0, dynamic_ncols=True, **_bar_options())
   stage = _Stage(spec=spec, checkpoints=checkpoints, logger=logger, bar=bar, signature=signature,
                  total_steps=total_steps, stop_at=stop_at, several=jax.process_count() > 1)
   batches = iterate(spec.data, start=run.step, workers=spec.workers)
