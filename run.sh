@@ -42,19 +42,19 @@ setup() {
   echo "run.sh: installing into .venv: ${missing[*]}" >&2
   if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
-    .venv/bin/pip install --quiet --upgrade pip
+    .venv/bin/pip install --quiet --quiet --upgrade pip
   fi
   for level in "${missing[@]}"; do
     case "$level" in
       base) ;;
-      torch) .venv/bin/pip install --quiet "$TORCH_SPEC"; extras+=(torch) ;;
+      torch) .venv/bin/pip install --quiet --quiet "$TORCH_SPEC"; extras+=(torch) ;;
       *) extras+=("$level") ;;
     esac
   done
   if [ "${#extras[@]}" = 0 ]; then
-    .venv/bin/pip install --quiet -e .
+    .venv/bin/pip install --quiet --quiet -e .
   else
-    .venv/bin/pip install --quiet -e ".[$(IFS=,; echo "${extras[*]}")]"
+    .venv/bin/pip install --quiet --quiet -e ".[$(IFS=,; echo "${extras[*]}")]"
   fi
   for level in "${missing[@]}"; do touch ".venv/.installed-$level"; done
 }
