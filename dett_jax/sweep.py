@@ -55,11 +55,10 @@ from dett_jax.evaluation import accumulate, split_metrics
 from dett_jax.experiment import setup_context
 from dett_jax.io import write_json_atomic
 from dett_jax.methods.base import Method
-from dett_jax.optimizers import make_optimizer
 from dett_jax.data.pipeline import train_batches
 from dett_jax.sharding import put, replicate, shard_batch
 from dett_jax.stages.builders import backend
-from dett_jax.stages.context import Context, run_stage
+from dett_jax.stages.context import Context, run_stage, schedule
 from dett_jax.stages.students import identification, reweighting, student_setup
 from dett_jax.stages.teachers import pretrain, teachers
 from dett_jax.study import write_study
@@ -119,13 +118,10 @@ def variant_data(ctx: Context, method: Method, configs: list, error_sets: dict[i
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(the shared index list, per-variant example weights `[k, n]`) of a group."""
   n = len(ctx.splits["train"])
-  first = configs[0]
-  index_list, _ = reweighting(ctx, method, error_sets.get(first.identification.epochs),
-                              first.distill.lambda_up)
-  weights = []
-  for cfg in configs:
-    _, w = reweighting(ctx, method, error_sets.get(cfg.identification.epochs), cfg.distill.lambda_up)
-    weights.append(np.ones(n, np.float32) if w is None else w)
+  data = [reweighting(ctx, method, error_sets.get(cfg.identification.epochs), cfg.distill.lambda_up)
+          for cfg in configs]
+  index_list = data[0][0]  # shared: upsampling makes each T_id / lambda_up its own group
+  weights = [np.ones(n, np.float32) if w is None else w for _, w in data]
   return (np.arange(n) if index_list is None else index_list), np.stack(weights)
 
 
@@ -144,12 +140,7 @@ def build_group(ctx: Context, name: str, group: list[dict], pretrained_student: 
                           group_policy(config, k, looped)) for v in group]
   method, _, frozen = setups[0]
   index_list, weights = variant_data(ctx, method, configs, error_sets)
-  batch_size = optim.batch_size or config.batch_size
-  steps_per_epoch = len(index_list) // batch_size
-  if steps_per_epoch < 1:
-    raise SweepError(f"{name}: {len(index_list)} training examples give no full batch of "
-                     f"{batch_size}; lower the batch size")
-  tx = make_optimizer(optim, steps_per_epoch, batch_size)
+  batch_size, steps_per_epoch, tx = schedule(config, name, optim, len(index_list), SweepError)
   states = stack([TrainState.create(v["params"], v["collections"], tx) for _, v, _ in setups])
   per_variant = {"weights": weights, "lr_scale": np.array(
       [c.distill.optim.learning_rate / optim.learning_rate for c in configs], np.float32),

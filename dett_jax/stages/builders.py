@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dett_jax.methods.base import Method, Setup
 from dett_jax.models.backend import Backend
 from dett_jax.models.resnet import create_resnet
 
@@ -63,12 +62,6 @@ def with_new_head(variables: Tree, model: nn.Module, num_classes: int | None,
     params[name] = {"kernel": nn.initializers.lecun_normal()(key, (width, num_classes)),
                     "bias": jnp.zeros((num_classes,), jnp.float32)}
   return {**variables, "params": params}
-
-
-def method_state(method: Method, backbone_variables: Tree, setup: Setup,
-                 key: jax.Array) -> Tree:
-  """`method.init` of the backbone's Flax variables: `{"params", "collections"}`."""
-  return method.init(key, backbone_variables, setup)
 
 
 def backbone_variables(state_variables: Tree) -> Tree:

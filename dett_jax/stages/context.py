@@ -153,6 +153,18 @@ class Training:
   cached: dict[str, np.ndarray] | None = None
 
 
+def schedule(config: ml_collections.ConfigDict, name: str, optim: Any, num_examples: int,
+             error: type[Exception] = ValueError) -> tuple[int, int, Any]:
+  """(global batch size, steps per epoch, optimizer) of a stage training `num_examples`
+  examples per epoch with `optim`; `error` (naming the stage) when no full batch fits."""
+  batch_size = optim.batch_size or config.batch_size
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch < 1:
+    raise error(f"{name}: {num_examples} training examples give no full batch of "
+                f"{batch_size}; lower the batch size")
+  return batch_size, steps_per_epoch, make_optimizer(optim, steps_per_epoch, batch_size)
+
+
 def train_model(ctx: Context, name: str, method: Method, variables: Tree, frozen: Tree,
                 training: Training) -> tuple[Tree, dict]:
   """Trains `variables` (`{"params", "collections"}`) with `method.loss`; returns (the
@@ -160,12 +172,7 @@ def train_model(ctx: Context, name: str, method: Method, variables: Tree, frozen
   loss's randomness `ctx.key(*stream, "step")`."""
   config, split, optim = ctx.config, training.split, training.optim
   index_list = np.arange(len(split)) if training.index_list is None else training.index_list
-  batch_size = optim.batch_size or config.batch_size
-  steps_per_epoch = len(index_list) // batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f"{name}: {len(index_list)} training examples give no full batch of "
-                     f"{batch_size}; lower the batch size")
-  tx = make_optimizer(optim, steps_per_epoch, batch_size)
+  batch_size, steps_per_epoch, tx = schedule(config, name, optim, len(index_list))
   # Copy: the step donates its state, and `variables` may share buffers with the caller's.
   variables = jax.tree.map(jnp.copy, variables)
   state = ctx.place(TrainState.create(variables["params"], variables["collections"], tx))

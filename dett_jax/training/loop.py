@@ -112,10 +112,6 @@ def _now() -> float:
   return time.time()
 
 
-def _variables(state: TrainState) -> dict[str, Any]:
-  return state.variables
-
-
 def _copy(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)
 
@@ -156,7 +152,7 @@ class _Progress:
 def _resume(spec: FitSpec, checkpoints: StageCheckpoints, state: TrainState,
             signature: dict[str, str]) -> _Progress:
   """The progress from the stage's newest intact checkpoint, or a fresh start."""
-  best = _copy(_variables(state))
+  best = _copy(state.variables)
   meta = {"step": 0, "history": [], "best_epoch": None, "best_value": None, "skipped_steps": []}
   restored = checkpoints.restore(state, best, signature)
   distributed.note_progress(stage=spec.name, step=0, total=spec.num_epochs * spec.steps_per_epoch)
@@ -243,13 +239,13 @@ def _end_epoch(stage: _Stage, run: _Progress) -> None:
   epoch = run.step // spec.steps_per_epoch
   record = {"epoch": epoch, "step": run.step}
   if spec.evaluate is not None:
-    record.update(spec.evaluate(_variables(run.state)))
+    record.update(spec.evaluate(run.state.variables))
     stage.logger.write(spec.name, run.step, {k: v for k, v in record.items() if "/" in k})
   meta["history"].append(record)
   value = record.get(spec.select_metric) if spec.select_metric else None
   if spec.select_metric is None or meta["best_value"] is None or (
       value is not None and value > meta["best_value"]):
-    run.best, meta["best_epoch"], meta["best_value"] = _copy(_variables(run.state)), epoch, value
+    run.best, meta["best_epoch"], meta["best_value"] = _copy(run.state.variables), epoch, value
 
 
 def _minutes_due(stage: _Stage, run: _Progress) -> bool:
