@@ -137,12 +137,46 @@ def _data_sets() -> dict[str, dict[str, Any]]:
   }
 
 
-DATA_SETS = tuple(_data_sets())  # the values of data.name
+def _text(**fields: Any) -> dict[str, Any]:
+  """The fields every text data set has: tokenisation (dett_jax/data/tokenize.py)."""
+  return dict(
+      # Hugging Face tokenizer: a folder with tokenizer.json or vocab.txt, or the file; "":
+      # teacher.init's folder, else data.root's own tokenizer.json / vocab.txt.
+      tokenizer="",
+      lowercase=True,  # vocab.txt tokenizers: lower-case first (uncased BERT models)
+      max_length=128,  # tokens per example incl. [CLS]/[SEP]: longer ones are truncated
+      workers=0,  # grain worker processes for tokenisation (0: in-process)
+  ) | fields
+
+
+def _text_data_sets() -> dict[str, dict[str, Any]]:
+  return {
+      # The built-in text benchmark (dett_jax/data/synthetic_text.py); its own tokenizer.
+      "synthetic_text": _text(
+          train_size=2000, val_size=1200, test_size=2000,  # examples per split
+          seed=0,  # the generated data's seed
+          class_family=0,  # the marker family (synthetic_text.MARKER_FAMILIES) of the classes
+          min_words=6, max_words=14,  # sentence length range, in words
+          ambiguous=0.15,  # fraction of sentences whose class the words do not tell
+          max_length=0),  # 0: the benchmark's longest sentence (max_words + 2)
+      # CivilComments, WILDS layout (dett_jax/data/text.py): all_data_with_identities.csv.
+      "civilcomments": _text(root="", max_length=300),
+      # MultiNLI, the official multinli_1.0_*.jsonl files (dett_jax/data/text.py).
+      "multinli": _text(root="", max_length=128),
+      # A text metadata.csv folder: text (or sentence1, sentence2), y, split, attribute.
+      "text_csv": _text(root="", attr_column="a", num_classes=0),
+  }
+
+
+ARCHS = ("resnet", "bert", "distilbert")  # the values of teacher.arch / student.arch
+TEXT_ARCHS = ("bert", "distilbert")  # text encoders (dett_jax/models/bert.py)
+TEXT_DATA_SETS = tuple(_text_data_sets())  # text data (tokens); the others are images
+DATA_SETS = tuple(_data_sets()) + TEXT_DATA_SETS  # the values of data.name
 
 
 def data_defaults(name: str = "synthetic") -> ConfigDict:
   """The `data` section of data set `name` with every field at its default."""
-  sets = _data_sets()
+  sets = {**_data_sets(), **_text_data_sets()}
   if name not in sets:
     raise ConfigError(f"data.name={name!r}; choose from {', '.join(sets)}")
   return ConfigDict(dict(name=name, **sets[name]))
@@ -216,14 +250,30 @@ def _run_options() -> ConfigDict:
   return config
 
 
+def _transformer() -> dict[str, Any]:
+  """A text encoder's sizes (arch bert / distilbert started without a Hugging Face folder;
+  dett_jax/models/bert.py): the tiny models of the built-in text benchmark."""
+  return dict(
+      layers=2,  # encoder layers
+      hidden=64,  # hidden width (BERT-base: 768)
+      heads=2,  # attention heads (must divide hidden)
+      mlp_dim=128,  # feed-forward width (BERT-base: 3072)
+      max_positions=128,  # position embeddings (BERT: 512); data.max_length must fit
+      dropout=0.1)  # hidden, attention and classifier dropout
+
+
 def _networks(config: ConfigDict) -> None:
   """The teacher (with its optimizer), group DRO and the student."""
   config.teacher = ConfigDict(dict(
+      arch="resnet",  # resnet (image data) | bert | distilbert (text data)
       depth=18,  # ResNet depth: 10, 18, 34 or 50
       width=0.125,  # width multiplier (stage widths round(64 * width) * 2**i)
       stem="small",  # small (one 3x3 stride-1 conv, no pooling) or imagenet (7x7/2 + max-pool)
+      **_transformer(),
       debias="dfr",  # debiased teachers to produce, comma-separated: "dfr", "gdro" ("" none)
-      init="",  # ResNet checkpoint to start from (e.g. imported ImageNet weights)
+      # Checkpoint to start from: a ResNet (e.g. imported ImageNet weights), or for bert /
+      # distilbert a Hugging Face folder (config.json, model.safetensors; its sizes win).
+      init="",
       checkpoint="",  # a finished teacher: skip training it
       dfr_c_grid=(1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01),  # DFR: C values of the L1 head
       dfr_num_refits=10))  # DFR: heads averaged over group-balanced validation halves
@@ -233,8 +283,9 @@ def _networks(config: ConfigDict) -> None:
       eta=0.01,  # step size of the group weights
       adjustment=0.0))  # C of the adjustment C / sqrt(n_g) added to each group loss
   config.student = ConfigDict(dict(
-      depth=10, width=0.125, stem="small",  # as teacher.depth / width / stem
-      init=""))  # ResNet checkpoint to start from (skips student pretraining)
+      arch="resnet", depth=10, width=0.125, stem="small",  # as teacher.arch / depth / width / stem
+      **_transformer(),
+      init=""))  # checkpoint to start from (skips student pretraining), as teacher.init
 
 
 def _distill() -> ConfigDict:

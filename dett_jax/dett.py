@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dett_jax.methods.base import accuracy, example_weights
+from dett_jax.methods.base import accuracy, example_weights, model_inputs
 from dett_jax.methods.feature import apply_projector, matched_feature_loss, transplanted_logits
 from dett_jax.training.state import TrainState
 from dett_jax.training.update import make_update
@@ -60,7 +60,7 @@ def _teacher_map(teacher_fn: TeacherFn | None, frozen: Mapping[str, Any], batch:
   elif teacher_fn is None:
     raise ValueError("dett_loss(teacher_fn=None) needs batch['teacher_feature_map']")
   else:
-    teacher_map = teacher_fn(frozen["teacher"], batch["image"])
+    teacher_map = teacher_fn(frozen["teacher"], model_inputs(batch))
   return jax.lax.stop_gradient(jnp.asarray(teacher_map, jnp.float32))
 
 
@@ -123,7 +123,7 @@ def dett_loss(params: Tree, collections: Tree, batch: Batch, frozen: Mapping[str
   # Rebuilt in this (differentiation) trace: NNX Variables may only be updated
   # (BatchNorm statistics) in the trace that created them.
   collections = jax.tree.map(lambda x: x, collections)
-  projected, collections = _project(student_fn, projector, params, collections, batch["image"],
+  projected, collections = _project(student_fn, projector, params, collections, model_inputs(batch),
                                     True, rng)
   loss = matched_feature_loss(projected, teacher_map, example_weights(batch), match)
   logits = transplanted_logits(_head(params, frozen), projected)

@@ -12,6 +12,7 @@ from dett_jax.data.images import Preprocess
 from dett_jax.data.pipeline import eval_batches
 from dett_jax.data.split import Split
 from dett_jax.distributed import to_host
+from dett_jax.methods.base import model_inputs
 from dett_jax.metrics import (GroupAccumulator, group_accuracy_metrics, group_counts,
                               group_ratio_metrics)
 from dett_jax.sharding import shard_batch
@@ -106,7 +107,7 @@ def split_outputs(fn: Callable[[Any], Any], split: Split, *, preprocess: Preproc
     >>> means.shape == (len(train), 3)
     True
   """
-  outputs = [np.asarray(fn(batch["image"]))
+  outputs = [np.asarray(fn(model_inputs(batch)))
              for batch in eval_batches(split, global_batch_size=batch_size, preprocess=preprocess)]
   return np.concatenate(outputs)[:len(split)]
 
@@ -147,7 +148,7 @@ def evaluate_groups(logits_fn: Callable[[Any], Any], split: Split, train_counts:
   accumulator = GroupAccumulator()
   num_groups = len(train_counts)
   for batch in eval_batches(split, global_batch_size=batch_size, preprocess=preprocess):
-    accumulator.update(**jax.device_get(_group_counts(logits_fn(batch["image"]), batch,
+    accumulator.update(**jax.device_get(_group_counts(logits_fn(model_inputs(batch)), batch,
                                                       num_groups)))
   totals = accumulator.totals()
   return group_accuracy_metrics(totals["correct"], totals["count"], train_counts, split=name,

@@ -17,7 +17,7 @@ from absl import logging
 
 from dett_jax import distributed, methods
 from dett_jax.config_schema import complete
-from dett_jax.data import Preprocess, load_splits
+from dett_jax.data import load_splits, preprocess_for
 from dett_jax.io import write_json_atomic
 from dett_jax.report import write_report
 from dett_jax.sharding import make_mesh
@@ -55,7 +55,7 @@ def setup_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   check_schedules(config, len(splits["train"]))  # a data set on disk: its size is known now
   check_workdir_config(config, workdir)
   ctx = Context(config, workdir, splits, mesh, MetricLogger(workdir),
-                Preprocess.from_config(config.data))
+                preprocess_for(config))
   logging.info("mesh %s over %d devices; train group counts %s", dict(mesh.shape),
                mesh.devices.size, ctx.train_counts.tolist())
   return ctx

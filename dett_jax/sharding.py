@@ -8,10 +8,13 @@ The mesh has axes (`data`, `model`); `model` is 1 unless configured. Strategies:
               the `data` axis is split over it (parameters, optimizer state and the
               frozen teacher alike); XLA gathers them for the computation.
 
-With `model` > 1, kernels' output dimension is also split over `model`. Rules are
+With `model` > 1, kernels' output dimension is also split over `model` (a transformer's
+attention-output and MLP-output kernels: their input dimension, `model_in`/`fsdp_in`, so
+attention heads and the MLP width are split). Rules are
 `"regex=kind"` strings matched in order against a leaf's path (e.g.
 `opt_state/0/mu/student/BasicBlock_0/Conv_0/kernel`); kinds are `replicated`, `fsdp`,
-`model` (only the `model` split). The first match wins.
+`model` (only the `model` split), `model_in` and `fsdp_in` (the same with `model` on the
+first axis). The first match wins.
 """
 
 from __future__ import annotations
@@ -51,10 +54,15 @@ def make_mesh(data: int = -1, model: int = 1) -> Mesh:
 
 
 STRATEGIES = ("replicated", "fsdp")
-KINDS = ("replicated", "fsdp", "model")
+KINDS = ("replicated", "fsdp", "model", "model_in", "fsdp_in")
+# Transformer layers whose kernel reads the split width (attention output, MLP output):
+# split over `model` on their input axis (Megatron-style), so q/k/v (heads) and the MLP's
+# first Dense (width) are split on their output axis and nothing is gathered in between.
+TRANSFORMER_IN = r"(attention/output/dense|/output/dense|out_lin|ffn/lin2)/kernel$"
 DEFAULT_RULES = {
-    "replicated": (".*kernel=model", ".*=replicated"),
-    "fsdp": ("batch_stats=replicated", ".*kernel=fsdp", ".*=replicated"),
+    "replicated": (f"{TRANSFORMER_IN}=model_in", ".*kernel=model", ".*=replicated"),
+    "fsdp": ("batch_stats=replicated", f"{TRANSFORMER_IN}=fsdp_in", ".*kernel=fsdp",
+             "embedding$=fsdp", ".*=replicated"),
 }
 
 
@@ -78,9 +86,10 @@ def leaf_spec(shape: tuple[int, ...], kind: str, mesh: Mesh) -> P:
   """The PartitionSpec of one leaf of `shape` for a rule `kind`."""
   spec: list[Any] = [None] * len(shape)
   model, data = mesh.shape["model"], mesh.shape["data"]
-  if kind in ("fsdp", "model") and model > 1 and shape and shape[-1] % model == 0:
-    spec[-1] = "model"
-  if kind == "fsdp" and data > 1:
+  axis = 0 if kind in ("model_in", "fsdp_in") else -1  # the axis split over `model`
+  if kind != "replicated" and model > 1 and shape and shape[axis] % model == 0:
+    spec[axis] = "model"
+  if kind in ("fsdp", "fsdp_in") and data > 1:
     free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % data == 0]
     if free:
       spec[max(free, key=lambda i: shape[i])] = "data"

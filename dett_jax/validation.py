@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import ml_collections
 
-from dett_jax.config_schema import OPTIM_SECTIONS, ConfigError, complete, section
+from dett_jax.config_schema import (ARCHS, OPTIM_SECTIONS, TEXT_ARCHS, TEXT_DATA_SETS,
+                                    ConfigError, complete, section)
 from dett_jax.data import GENERATED, LOADERS, generated_benchmark
 from dett_jax.data.images import TRAIN_TRANSFORMS
 from dett_jax.methods import TEACHER_DEBIAS, parse_debias
@@ -82,17 +84,56 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
 def _validate_networks(config: ml_collections.ConfigDict) -> None:
   """Checks the teacher's and the student's ResNets and the projector between them."""
   methods = _method_names(config)
+  text = config.data.name in TEXT_DATA_SETS
   for role in ("teacher", "student"):
     arch = config[role]
+    _check(arch.arch in ARCHS, f"{role}.arch={arch.arch!r}; choose from {', '.join(ARCHS)}")
+    if text != (arch.arch in TEXT_ARCHS):
+      want = "bert or distilbert" if text else "resnet"
+      _check(False, f"{role}.arch={arch.arch} does not read data.name={config.data.name} "
+             f"({'text' if text else 'images'}); set --config.{role}.arch to {want}")
+    if arch.arch in TEXT_ARCHS:
+      _validate_transformer(config, role)
+      continue
     _check(arch.depth in STAGES, f"{role}.depth={arch.depth}; choose one of {sorted(STAGES)}")
     _check(arch.stem in ("imagenet", "small"), f"{role}.stem={arch.stem!r}; choose imagenet or small")
     _check(arch.width > 0, f"{role}.width={arch.width} must be > 0")
   if config.distill.projector == "identity" and any(
       not get_method(m).student_head for m in methods):  # a projector maps the student's map
-    s = feature_channels(config.student.depth, config.student.width)
-    t = feature_channels(config.teacher.depth, config.teacher.width)
+    s, t = _width(config, "student"), _width(config, "teacher")
     _check(s == t, f"distill.projector=identity needs equal feature channels, but the student has "
            f"{s} and the teacher {t}; use distill.projector=linear or simkd, or match the widths")
+
+
+def _validate_transformer(config: ml_collections.ConfigDict, role: str) -> None:
+  """Checks a text encoder's sizes (those of a Hugging Face `init` folder are its own)."""
+  cfg = config[role]
+  if cfg.init:
+    _check(os.path.isfile(os.path.join(cfg.init, "config.json")),
+           f"{role}.init={cfg.init} is not a Hugging Face folder (no config.json); give the "
+           "folder holding config.json and model.safetensors")
+    return
+  for field in ("layers", "hidden", "heads", "mlp_dim", "max_positions"):
+    _check(cfg[field] >= 1, f"{role}.{field}={cfg[field]} must be >= 1")
+  _check(cfg.hidden % cfg.heads == 0,
+         f"{role}.hidden={cfg.hidden} is not divisible by {role}.heads={cfg.heads}")
+  _check(0 <= cfg.dropout < 1, f"{role}.dropout={cfg.dropout} must be in [0, 1)")
+  length = config.data.max_length
+  _check(length <= cfg.max_positions,
+         f"data.max_length={length} exceeds {role}.max_positions={cfg.max_positions}; lower "
+         f"the one or raise the other")
+
+
+def _width(config: ml_collections.ConfigDict, role: str) -> int:
+  """Channels of what `config[role]`'s head reads, from the config alone."""
+  cfg = config[role]
+  if cfg.arch not in TEXT_ARCHS:
+    return feature_channels(cfg.depth, cfg.width)
+  if cfg.init:
+    with open(os.path.join(cfg.init, "config.json")) as f:
+      hf = json.load(f)
+    return int(hf.get("hidden_size", hf.get("dim", 0)))
+  return cfg.hidden
 
 
 def _validate_optimizers(config: ml_collections.ConfigDict) -> None:
@@ -179,11 +220,17 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
   _check(data.name in GENERATED or not config.pretrain.enabled,
          f"pretrain.enabled=True trains on a built-in benchmark's pretraining task, which only "
          f"goes with data.name in ({', '.join(GENERATED)}); for data.name={data.name} set "
-         "pretrain.enabled=False and give ImageNet weights as teacher.init/student.init (see "
-         "docs/data.md, 'Teachers and weights from PyTorch')")
+         "pretrain.enabled=False and give pretrained weights as teacher.init/student.init "
+         "(ImageNet ResNets: docs/data.md, 'Teachers and weights from PyTorch'; text: Hugging "
+         "Face folders, docs/text.md)")
   if data.name not in GENERATED:
     _check(bool(data.root) or (data.name == "celeba" and data.source == "tfds"),
            "data.root is empty; give the data folder: --config.data.root=DIR")
+  if data.name in TEXT_DATA_SETS:
+    _check(data.max_length >= 0 if data.name == "synthetic_text" else data.max_length >= 4,
+           f"data.max_length={data.max_length} must be >= 4 (tokens incl. [CLS] and [SEP])")
+    _check(data.workers >= 0, f"data.workers={data.workers} must be >= 0")
+    return
   _check(data.image_size >= 8, f"data.image_size={data.image_size} must be >= 8")
   _check(data.train_transform in TRAIN_TRANSFORMS,
          f"data.train_transform={data.train_transform!r}; choose from "

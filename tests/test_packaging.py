@@ -89,7 +89,7 @@ def test_required_dependencies_are_what_training_imports():
   import importlib.metadata
   import sys
 
-  optional = {"torch", "safetensors", "tensorflow_datasets"}  # extras: torch, celeba
+  optional = {"torch", "tensorflow_datasets"}  # extras: torch, celeba
   files = [*(ROOT / "dett_jax").rglob("*.py"), ROOT / "train.py", *(ROOT / "configs").glob("*.py")]
   modules = set()
   for path in files:
@@ -106,7 +106,7 @@ def test_required_dependencies_are_what_training_imports():
   for module in sorted(modules):
     names = {d.lower().replace("_", "-") for d in distributions.get(module, [])}
     assert names & required, f"{module} is imported but comes from none of {sorted(required)}"
-  assert not required & {"torch", "safetensors", "pytest", "pytest-xdist", "hypothesis", "mkdocs",
+  assert not required & {"torch", "transformers", "pytest", "pytest-xdist", "hypothesis", "mkdocs",
                           "build", "tensorflow-datasets"}
   assert {"torch", "test", "docs", "dev"} <= set(project["optional-dependencies"])
 

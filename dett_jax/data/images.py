@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 from PIL import Image
@@ -99,6 +99,7 @@ class Preprocess:
     ((16, 16, 3), 1.9921875)
   """
 
+  key: ClassVar[str] = "image"  # the batch key of the model input (text: "tokens")
   image_size: int
   train_transform: str = "pad_crop"
   eval_resize: int = 0

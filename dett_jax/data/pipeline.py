@@ -170,7 +170,8 @@ def train_epoch(split: Split, index_list: np.ndarray, *, global_batch_size: int,
   """The batches of one training epoch, as a random-access `grain.MapDataset`.
 
   Element k is this process's part of global batch k: a dict with `image`
-  float32 `[b, s, s, 3]` (b = global_batch_size / process_count), `label`,
+  float32 `[b, s, s, 3]` (b = global_batch_size / process_count; for text, `tokens` int32
+  `[b, 3, t]` under `preprocess.key`, see `dett_jax.data.tokenize.Tokenize`), `label`,
   `group`, `index` int32 `[b]`, `weight` and `mask` float32 `[b]`, and for each
   `cached[key]` (per-example arrays `[n, ...]`, e.g. memory-mapped teacher outputs)
   its rows of this batch. The last incomplete batch is dropped. Each example's augmentation is drawn from
@@ -207,7 +208,7 @@ def train_epoch(split: Split, index_list: np.ndarray, *, global_batch_size: int,
       else:
         image = preprocess.eval(image)
       images.append(image)
-    batch["image"] = preprocess.normalize(np.stack(images))
+    batch[preprocess.key] = preprocess.normalize(np.stack(images))
     return batch
 
   return ds.map_with_index(load)
@@ -274,7 +275,7 @@ def eval_dataset(split: Split, *, global_batch_size: int, preprocess: Preprocess
     indices = np.minimum(indices, n - 1)
     batch = _gather(split, indices, None)
     batch["mask"] = mask
-    batch["image"] = preprocess.normalize(
+    batch[preprocess.key] = preprocess.normalize(
         np.stack([preprocess.eval(split.images[int(i)]) for i in indices]))
     return batch
 

@@ -30,6 +30,24 @@ from dett_jax.transplant import dense_apply
 Tree = Any
 Batch = Mapping[str, jax.Array]
 TEACHER_KEYS = ("teacher_feature_map", "teacher_logits")
+INPUT_KEYS = ("image", "tokens")  # a batch's model input: images, or token arrays [b, 3, t]
+
+
+def model_inputs(batch: Batch) -> jax.Array:
+  """The model input of `batch`: `batch["image"]` (`[b, h, w, 3]` float32), or for text
+  `batch["tokens"]` (int32 `[b, 3, t]`: input ids, token types, attention mask).
+
+  Examples:
+    >>> import numpy as np
+    >>> from dett_jax.methods.base import model_inputs
+    >>> model_inputs({"tokens": np.zeros((2, 3, 8), np.int32), "label": np.zeros(2)}).shape
+    (2, 3, 8)
+  """
+  for key in INPUT_KEYS:
+    if key in batch:
+      return batch[key]
+  raise KeyError(f"the batch has no model input: give one of {', '.join(INPUT_KEYS)} "
+                 f"(it has {', '.join(batch)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +82,8 @@ class Setup:
   Attributes:
     teacher_head: the distilled teacher's Dense head `{"kernel": [c, k], "bias": [k]}`.
     group_counts: training examples per group `[G]`.
-    input_shape: one example's input shape (e.g. `(h, w, 3)`).
+    input_shape: one example's input shape (e.g. `(h, w, 3)`, or `(3, t)` for text).
+    input_dtype: its dtype (float32 images, int32 tokens).
     feature_scale: `() -> [c]`, 1 / the per-channel standard deviation of the teacher's
       feature maps over the training split (computed on first call).
   """
@@ -73,6 +92,11 @@ class Setup:
   group_counts: np.ndarray
   input_shape: tuple[int, ...]
   feature_scale: Callable[[], jax.Array] | None = None
+  input_dtype: Any = jnp.float32
+
+  def example_input(self) -> jax.Array:
+    """Zeros of one example's input, batch 1 (for initialising and shape evaluation)."""
+    return jnp.zeros((1,) + tuple(self.input_shape), self.input_dtype)
 
   @property
   def num_groups(self) -> int:
@@ -108,7 +132,7 @@ def teacher_outputs(models: Models, frozen: Tree, batch: Batch) -> dict[str, jax
   if all(k in batch for k in TEACHER_KEYS):
     out = {k: batch[k].astype(jnp.float32) for k in TEACHER_KEYS}
   else:
-    out = models.teacher.apply(frozen["teacher"], batch["image"], train=False)
+    out = models.teacher.apply(frozen["teacher"], model_inputs(batch), train=False)
     logits = dense_apply(frozen["teacher_head"], out["features"])
     out = {"teacher_feature_map": out["feature_map"], "teacher_logits": logits}
   return jax.lax.stop_gradient(out)
@@ -119,7 +143,7 @@ def example_weights(batch: Batch) -> jax.Array:
   if "weight" in batch:
     weights = jnp.asarray(batch["weight"], jnp.float32)
   else:
-    weights = jnp.ones((batch["label"] if "label" in batch else batch["image"]).shape[0])
+    weights = jnp.ones((batch["label"] if "label" in batch else model_inputs(batch)).shape[0])
   return weights * batch["mask"] if "mask" in batch else weights
 
 
@@ -203,7 +227,7 @@ class Method:
               rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], Tree]:
     """The student's outputs (`logits`) and its new collections."""
     out, student = apply_module(self.models.student, params["student"],
-                                collections["student"], batch["image"], train, rng)
+                                collections["student"], model_inputs(batch), train, rng)
     return {"logits": out["logits"]}, {**collections, "student": student}
 
   def loss(self, params: Tree, collections: Tree, batch: Batch, frozen: Tree,

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from dett_jax import objectives
-from dett_jax.methods.base import Method, Setup, apply_module, example_weights, pool
+from dett_jax.methods.base import (Method, Setup, apply_module, example_weights, model_inputs,
+                                   pool)
 from dett_jax.models.projector import align_spatial
 from dett_jax.transplant import dense_apply
 
@@ -114,7 +115,7 @@ class FeatureMatching(Method):
   def init(self, rng, student, setup: Setup):
     state = super().init(rng, student, setup)
     shape = jax.eval_shape(lambda v: self.models.student.apply(
-        v, jnp.zeros((1,) + tuple(setup.input_shape)))["feature_map"], student)
+        v, setup.example_input())["feature_map"], student)
     projector = (self.models.projector.init(rng, jnp.zeros(shape.shape))
                  if self.models.projector is not None else {})
     state["params"]["projector"] = projector.get("params", {})
@@ -131,7 +132,7 @@ class FeatureMatching(Method):
 
   def forward(self, params, collections, batch, frozen, train, rng=None):
     out, student = apply_module(self.models.student, params["student"], collections["student"],
-                                batch["image"], train, rng)
+                                model_inputs(batch), train, rng)
     projected, projector = apply_projector(self.models.projector, params["projector"],
                                            collections["projector"], out["feature_map"], train)
     pooled = self._pool(projected)

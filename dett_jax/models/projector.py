@@ -38,11 +38,16 @@ def align_spatial(x: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndar
 
 
 class Projector(nn.Module):
-  """Maps a student feature map `[b, h, w, c_s]` to `[b, h, w, teacher_channels]`.
+  """Maps a student feature map `[b, h, w, c_s]` to `[b, h, w, teacher_channels]`, or a
+  text encoder's vector `[b, c_s]` (or token map `[b, t, c_s]`) to `[..., teacher_channels]`.
 
   kind: "identity" (shapes must already match), "linear" (1x1 conv), "simkd"
   (1x1 conv-BN-ReLU, 3x3 conv-BN-ReLU, 1x1 conv-BN-ReLU; bottleneck width
-  teacher_channels // factor) or "simkd_dw" (the same with a depthwise 3x3).
+  teacher_channels // factor) or "simkd_dw" (the same with a depthwise 3x3). On vectors
+  and token maps (no spatial axes) "linear" is one Dense, and "simkd"/"simkd_dw" are
+  Dense-LayerNorm-ReLU twice, then a Dense to the teacher's width with no activation (a
+  text teacher's pooled feature is tanh- or ReLU-valued, or a hidden state, so the
+  output is not clipped at 0).
   dtype: activation/matmul dtype (e.g. bfloat16); parameters stay float32 and the
   output is float32, so the feature loss is computed in float32.
   backend: how the convolutions are computed on the platform
@@ -75,6 +80,8 @@ class Projector(nn.Module):
             f"identity projector needs equal channels; student has {x.shape[-1]}, teacher "
             f"{self.teacher_channels}: choose distill.projector=linear or simkd")
       return x
+    if x.ndim < 4:
+      return self._tokens(x, train)
     if self.kind == "linear":
       return nn.Conv(self.teacher_channels, (1, 1), dtype=self.dtype, name="conv",
                      conv_general_dilated=self.backend.conv_fn())(x).astype(jnp.float32)
@@ -91,3 +98,15 @@ class Projector(nn.Module):
     x = nn.relu(norm()(conv(mid, (3, 3), feature_group_count=groups)(x)))
     x = nn.relu(norm()(conv(self.teacher_channels, (1, 1))(x)))
     return x.astype(jnp.float32)
+
+  def _tokens(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    """The projector on `[b, c]` vectors or `[b, t, c]` token maps (Dense layers per token)."""
+    del train  # no BatchNorm: statistics over padded tokens would mix in padding
+    if self.kind == "linear":
+      return nn.Dense(self.teacher_channels, dtype=self.dtype, name="dense")(x).astype(jnp.float32)
+    if self.kind not in ("simkd", "simkd_dw"):
+      raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
+    mid = max(1, self.teacher_channels // self.factor)
+    for _ in range(2):
+      x = nn.relu(nn.LayerNorm(dtype=self.dtype)(nn.Dense(mid, dtype=self.dtype)(x)))
+    return nn.Dense(self.teacher_channels, dtype=self.dtype)(x).astype(jnp.float32)

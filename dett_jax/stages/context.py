@@ -23,7 +23,7 @@ from dett_jax.checkpoints import load_variables, mark_done, save_variables, stag
 from dett_jax.data import Preprocess, Split
 from dett_jax.data.pipeline import eval_batches, train_batches
 from dett_jax.evaluation import accumulate, split_metrics
-from dett_jax.methods.base import Method
+from dett_jax.methods.base import INPUT_KEYS, Method, model_inputs
 from dett_jax.optimizers import make_optimizer
 from dett_jax.sharding import place, replicate, shard_batch
 from dett_jax.training.loop import FitSpec, Interrupted, MetricLogger, fit, stop_requested
@@ -103,8 +103,9 @@ def per_example(ctx: Context, fn: Callable, variables: Tree, split: Split) -> np
   for batch in eval_batches(split, global_batch_size=ctx.config.eval_batch_size,
                             preprocess=ctx.preprocess, process_index=jax.process_index(),
                             process_count=jax.process_count(), workers=ctx.workers):
-    batch = shard_batch({k: batch[k] for k in ("image", "index", "mask")}, ctx.mesh)
-    chunks.append((fn(variables, batch["image"]), batch["index"], batch["mask"]))
+    batch = shard_batch({k: v for k, v in batch.items() if k in ("index", "mask", *INPUT_KEYS)},
+                        ctx.mesh)
+    chunks.append((fn(variables, model_inputs(batch)), batch["index"], batch["mask"]))
   out, index, mask = (np.concatenate(parts) for parts in zip(*distributed.to_host(chunks)))
   keep = mask > 0
   assert keep.sum() == len(split) and np.array_equal(np.sort(index[keep]), np.arange(len(split)))

@@ -17,10 +17,9 @@ from dett_jax.io import write_json_atomic
 from dett_jax.methods.base import Method, Models, Setup
 from dett_jax.models.backend import Backend
 from dett_jax.models.projector import Projector
-from dett_jax.models.resnet import feature_channels
 from dett_jax.sharding import replicate
 from dett_jax.stages.builders import (backbone, backbone_variables, backend, compute_dtype,
-                                      input_shape, with_new_head)
+                                      feature_width, input_dtype, input_shape, with_new_head)
 from dett_jax.stages.context import Context, Training, evaluate, per_example, run_stage, train_model
 from dett_jax.stages.teachers import selection, teacher_cache, teacher_feature_scale
 from dett_jax.training.steps import make_eval_step
@@ -50,8 +49,9 @@ def identification(ctx: Context, pretrained_student: Tree, epochs: int | None = 
     error_set = np.flatnonzero(pred != train.labels)
     record = {
         "error_set": error_set.tolist(), "size": int(len(error_set)), "train_size": len(train),
-        "settings": {"T_id": optim.epochs, "depth": config.student.depth,
-                     "width": config.student.width, "seed": config.seed,
+        "settings": {"T_id": optim.epochs, "arch": config.student.arch,
+                     "depth": config.student.depth, "width": config.student.width,
+                     "seed": config.seed,
                      "learning_rate": optim.learning_rate},
         # Diagnostics only (group labels are never used by the methods).
         "error_set_group_counts": np.bincount(train.groups[error_set],
@@ -73,8 +73,8 @@ def student_models(config: ml_collections.ConfigDict, method_cls: type[Method], 
   teacher = backbone(config, "teacher", num_classes, policy)
   if method_cls.student_head:
     return Models(student=backbone(config, "student", num_classes, policy), teacher=teacher)
-  t_channels = feature_channels(config.teacher.depth, config.teacher.width)
-  projector = Projector(config.distill.projector, t_channels, config.distill.projector_factor,
+  projector = Projector(config.distill.projector, feature_width(config, "teacher"),
+                        config.distill.projector_factor,
                         dtype=compute_dtype(config), backend=policy)
   return Models(student=backbone(config, "student", None, policy), projector=projector,
                 teacher=teacher)
@@ -89,7 +89,7 @@ def student_setup(ctx: Context, method_cls: type[Method], config: ml_collections
   models = student_models(config, method_cls, train.num_classes, policy or backend(config))
   method = method_cls(models, config)
   setup = Setup(teacher_head=teacher_head, group_counts=ctx.train_counts,
-                input_shape=input_shape(config),
+                input_shape=input_shape(config), input_dtype=input_dtype(config),
                 feature_scale=lambda: teacher_feature_scale(ctx, models.teacher, teacher_vars))
   head_key, init_key = jax.random.split(key)
   classes = train.num_classes if method_cls.student_head else None

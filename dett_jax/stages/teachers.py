@@ -12,12 +12,12 @@ import numpy as np
 from absl import logging
 
 from dett_jax import dfr, distributed, methods
-from dett_jax.checkpoints import load_backbone, load_variables
+from dett_jax.checkpoints import load_variables
 from dett_jax.data import pretraining_classes, pretraining_set
 from dett_jax.methods.base import Models, Setup
 from dett_jax.sharding import replicate
 from dett_jax.stages.builders import (backbone, backbone_variables, compute_dtype, init_model,
-                                      input_shape, with_new_head)
+                                      input_dtype, input_shape, load_init, with_new_head)
 from dett_jax.stages.context import (Context, Training, evaluate, per_example, run_stage,
                                      train_model)
 from dett_jax.teacher_cache import open_cache, write_cache
@@ -35,7 +35,8 @@ def _trained(ctx: Context, name: str, method_name: str, model, initial: Tree, sp
              select: str | None = None) -> tuple[Tree, dict, methods.Method]:
   """`model` trained from `initial` with a classifier method (erm, gdro) in stage `name`."""
   method = methods.get(method_name)(Models(student=model), ctx.config)
-  setup = Setup(teacher_head=None, group_counts=ctx.train_counts, input_shape=input_shape(ctx.config))
+  setup = Setup(teacher_head=None, group_counts=ctx.train_counts, input_shape=input_shape(ctx.config),
+                input_dtype=input_dtype(ctx.config))
   eval_step = jax.jit(make_eval_step(Models(student=model), method, len(ctx.train_counts),
                                      diagnostics=False)) if select else None
   variables, summary = train_model(
@@ -49,10 +50,11 @@ def pretrain(ctx: Context, role: str) -> Tree:
   or loaded from `<role>.init`, or (pretraining off) freshly initialised."""
   config = ctx.config
   model = backbone(config, role, pretraining_classes(config.data))
-  initial = init_model(model, input_shape(config), ctx.key("pretrain", role, "init"))
+  initial = init_model(model, input_shape(config), ctx.key("pretrain", role, "init"),
+                       input_dtype(config))
   if config[role].init:
     logging.info("%s: backbone from %s", role, config[role].init)
-    return load_backbone(config[role].init, initial)
+    return load_init(config, role, initial)
   if not config.pretrain.enabled:
     logging.warning("%s: no pretraining and no %s.init checkpoint; starting from random "
                     "weights (the reference setting starts from ImageNet weights)", role, role)
@@ -73,8 +75,13 @@ def teacher_eval_step(ctx: Context, model) -> Any:
                                 ctx.splits["train"].num_groups))
 
 
-def teacher_frozen(variables: Tree, head: Tree | None = None) -> Tree:
-  return {"teacher": variables, "teacher_head": head or variables["params"]["head"]}
+def teacher_frozen(variables: Tree, head: Tree) -> Tree:
+  return {"teacher": variables, "teacher_head": head}
+
+
+def head_of(variables: Tree, model) -> Tree:
+  """The Dense head `{"kernel", "bias"}` in a backbone's variables (`params[model.head_name]`)."""
+  return variables["params"][model.head_name]
 
 
 def teacher_erm(ctx: Context, pretrained: Tree | None) -> tuple[Tree, dict]:
@@ -82,7 +89,8 @@ def teacher_erm(ctx: Context, pretrained: Tree | None) -> tuple[Tree, dict]:
   config = ctx.config
   model = backbone(config, "teacher", ctx.splits["train"].num_classes)
   head_key = ctx.key("teacher_erm", "head")
-  template = (init_model(model, input_shape(config), head_key) if pretrained is None
+  template = (init_model(model, input_shape(config), head_key, input_dtype(config))
+              if pretrained is None
               else with_new_head(pretrained, model, model.num_classes, head_key))
 
   def body():
@@ -93,7 +101,8 @@ def teacher_erm(ctx: Context, pretrained: Tree | None) -> tuple[Tree, dict]:
       variables, summary, _ = _trained(ctx, "teacher_erm", "erm", model, template,
                                        ctx.splits["train"], config.teacher.optim)
       variables = backbone_variables(variables)
-    metrics = evaluate(ctx, teacher_eval_step(ctx, model), None, teacher_frozen(variables))
+    metrics = evaluate(ctx, teacher_eval_step(ctx, model), None,
+                       teacher_frozen(variables, head_of(variables, model)))
     return variables, {"metrics": metrics, **summary}
 
   return run_stage(ctx, "teacher_erm", template, body)
@@ -108,7 +117,7 @@ def teacher_dfr(ctx: Context, erm_variables: Tree) -> tuple[Tree, dict]:
   """DFR: the ERM teacher's backbone with a last layer refit on balanced validation data."""
   config = ctx.config
   model = backbone(config, "teacher", ctx.splits["train"].num_classes)
-  template = jax.tree.map(jnp.zeros_like, erm_variables["params"]["head"])
+  template = jax.tree.map(jnp.zeros_like, head_of(erm_variables, model))
 
   def body():
     val = ctx.splits["val"]
@@ -137,7 +146,8 @@ def teacher_gdro(ctx: Context, pretrained: Tree) -> tuple[Tree, dict]:
                                      ctx.splits["train"], config.teacher.optim, selection(ctx))
     q = np.asarray(distributed.to_host(variables["collections"]["gdro"]["q"]), np.float64)
     variables = backbone_variables(variables)
-    metrics = evaluate(ctx, teacher_eval_step(ctx, model), None, teacher_frozen(variables))
+    metrics = evaluate(ctx, teacher_eval_step(ctx, model), None,
+                       teacher_frozen(variables, head_of(variables, model)))
     return variables, {"metrics": metrics, "selection": summary["selection"],
                        "group_weights": q.tolist(), "history": summary["history"]}
 
@@ -154,7 +164,8 @@ def teachers(ctx: Context) -> tuple[dict[str, dict], Tree, Tree]:
   teacher_pre = None if config.teacher.checkpoint else pretrain(ctx, "teacher")
   erm_vars, erm_record = teacher_erm(ctx, teacher_pre)
   models = {"teacher_erm": {"role": "teacher", "method": "erm", "metrics": erm_record["metrics"]}}
-  distilled = {"erm": (erm_vars, erm_vars["params"]["head"])}
+  head_name = backbone(config, "teacher", ctx.splits["train"].num_classes).head_name
+  distilled = {"erm": (erm_vars, erm_vars["params"][head_name])}
   if "dfr" in debias:
     head, record = teacher_dfr(ctx, erm_vars)
     models["teacher_dfr"] = {"role": "teacher", "method": "dfr", "metrics": record["metrics"],
@@ -164,7 +175,7 @@ def teachers(ctx: Context) -> tuple[dict[str, dict], Tree, Tree]:
     gdro_vars, record = teacher_gdro(ctx, teacher_pre)
     models["teacher_gdro"] = {"role": "teacher", "method": "gdro", "metrics": record["metrics"],
                               "selection": record["selection"]}
-    distilled["gdro"] = (gdro_vars, gdro_vars["params"]["head"])
+    distilled["gdro"] = (gdro_vars, gdro_vars["params"][head_name])
   teacher_vars, head = distilled[config.distill.teacher]
   return models, teacher_vars, head
 

@@ -33,7 +33,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dett_jax.methods.base import Method, Models, teacher_outputs
+from dett_jax.methods.base import Method, Models, model_inputs, teacher_outputs
 from dett_jax.training.state import TrainState
 from dett_jax.training.steps import make_eval_step, variant_update
 
@@ -71,8 +71,8 @@ class _Looped:
     self.run_teacher = run_teacher
     self._teacher = jax.jit(self._teacher_fn)
 
-  def _teacher_fn(self, images: jnp.ndarray, shared: Tree) -> dict[str, jnp.ndarray]:
-    return teacher_outputs(self.models, shared, {"image": images})
+  def _teacher_fn(self, inputs: jnp.ndarray, shared: Tree) -> dict[str, jnp.ndarray]:
+    return teacher_outputs(self.models, shared, {"image": inputs})  # images or tokens alike
 
   def _over_columns(self, local: Callable, stacked_args: tuple, shared_args: tuple) -> Any:
     """`local(*stacked_args, *shared_args)` on each column's block of the stacked args."""
@@ -122,7 +122,7 @@ class LoopedTrainStep(_Looped):
 
   def compile(self, states: TrainState, batch: dict, frozen: Tree) -> Callable:
     shared = {key: v for key, v in frozen.items() if key != "variants"}
-    teacher = self._teacher.lower(batch["image"], shared).compile() if self.run_teacher else None
+    teacher = self._teacher.lower(model_inputs(batch), shared).compile() if self.run_teacher else None
     full = {**batch, **(teacher.out_info if teacher else {})}
     js = self._indices(states.step.shape[0])
     row = self._row.lower(states, frozen["variants"], js[0], full, shared).compile()
@@ -131,7 +131,7 @@ class LoopedTrainStep(_Looped):
     def step(states: TrainState, batch: dict, frozen: Tree) -> tuple[TrainState, list]:
       shared = {key: v for key, v in frozen.items() if key != "variants"}
       if teacher is not None:
-        batch = {**batch, **teacher(batch["image"], shared)}
+        batch = {**batch, **teacher(model_inputs(batch), shared)}
       rows = []
       for j in js:
         states, metrics = row(states, frozen["variants"], j, batch, shared)
@@ -160,7 +160,7 @@ class LoopedEvalStep(_Looped):
 
   def __call__(self, variables: Tree, batch: dict, frozen: Tree) -> list[dict]:
     if self.run_teacher:
-      batch = {**batch, **self._teacher(batch["image"], frozen)}
+      batch = {**batch, **self._teacher(model_inputs(batch), frozen)}
     if self._js is None:
       self._js = self._indices(jax.tree.leaves(variables)[0].shape[0])
     rows = []
