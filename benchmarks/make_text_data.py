@@ -7,8 +7,9 @@
 The label depends on a few core words; the spurious attribute (an identity mention, a
 negation word in the hypothesis, a topic word) agrees with the label's usual partner in
 ~90% of training examples and ~50% in val and test; every group occurs in every split
-(60% train, 20% val, 20% test). The `make_*` functions write given rows in each layout
-(tests use them with hand-written rows, including bad ones).
+(60% train, 20% val, 20% test). The folder also gets a `vocab.txt` of its words, so the
+`:cpu` configs tokenise it without a downloaded tokenizer. The `make_*` functions write
+given rows in each layout (tests use them with hand-written rows, including bad ones).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -211,6 +213,24 @@ def text_metadata_rows(size: int, seed: int, pairs: bool = False) -> list[dict]:
   return rows
 
 
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_vocab(folder: str, rows: list[dict]) -> str:
+  """Writes `folder/vocab.txt`: a BERT WordPiece vocabulary (special tokens, then every
+  lower-cased word and punctuation mark of the rows' texts), so the folder carries its
+  own tokenizer (`data.tokenizer` empty: dett-jax reads `data.root`'s vocab.txt)."""
+  words = set()
+  for row in rows:
+    for key in ("comment_text", "text", "sentence1", "sentence2"):
+      if isinstance(row.get(key), str):
+        words.update(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", row[key].lower()))
+  path = os.path.join(folder, "vocab.txt")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join([*SPECIAL_TOKENS, *sorted(words)]) + "\n")
+  return path
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--kind", required=True, choices=("civilcomments", "multinli", "text_csv"))
@@ -224,13 +244,16 @@ def main(argv=None) -> None:
   if os.path.exists(os.path.join(args.out, target)):
     raise SystemExit(f"{os.path.join(args.out, target)} exists; choose a new --out")
   if args.kind == "civilcomments":
-    path = make_civilcomments_csv(args.out, civilcomments_rows(args.size, args.seed))
+    rows = civilcomments_rows(args.size, args.seed)
+    path = make_civilcomments_csv(args.out, rows)
   elif args.kind == "multinli":
-    path = make_multinli_jsonl(args.out, multinli_rows(args.size, args.seed))
+    rows = multinli_rows(args.size, args.seed)
+    path = make_multinli_jsonl(args.out, rows)
   else:
-    path = make_text_metadata(args.out, text_metadata_rows(args.size, args.seed, args.pairs),
-                              pairs=args.pairs)
-  print(f"wrote {args.kind} ({args.size} examples) to {path}")
+    rows = text_metadata_rows(args.size, args.seed, args.pairs)
+    path = make_text_metadata(args.out, rows, pairs=args.pairs)
+  write_vocab(args.out, rows)
+  print(f"wrote {args.kind} ({args.size} examples) to {path}, and its vocab.txt")
 
 
 if __name__ == "__main__":

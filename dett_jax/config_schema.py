@@ -303,6 +303,9 @@ def _distill() -> ConfigDict:
       temperature=3.0,  # KD softmax temperature
       kd_ce_weight=0.0,  # KD: weight a of the label cross-entropy ((1 - a) x the KD term)
       head_weight=1.0,  # dett_head: weight of the head-space term (logit MSE through h_T)
+      # Text encoders: weight of a second matched feature, the masked mean of the last
+      # hidden states over real tokens (student through its own Dense projector); 0: off.
+      hidden_weight=0.0,
       select="val_worst_group",  # or "last"
       teacher_cache=False))  # True: teacher outputs computed once (needs no augmentation)
   distill.optim = optim(epochs=6, learning_rate=2e-3, optimizer="adamw", weight_decay=1e-4)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 safetensors)
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
 from dett_jax.io import replace_atomic, write_json_atomic
 from dett_jax.models.bert import TextModelConfig, create_text_model
@@ -166,7 +167,6 @@ def _weight_files(folder: str) -> list[str]:
 def read_state_dict(folder: str) -> dict[str, np.ndarray]:
   """The tensors of a folder's `model.safetensors` (or its shards), as numpy, keys as stored."""
   from safetensors import SafetensorError
-  from safetensors.numpy import load_file
 
   state: dict[str, np.ndarray] = {}
   for path in _weight_files(folder):
@@ -279,11 +279,20 @@ def save_hf_checkpoint(folder: str, config: TextModelConfig,
 
   `variables` are `{"params": ...}` of `create_text_model(config, ...)` (a classifier
   makes it a `...ForSequenceClassification` checkpoint, which transformers loads).
-  Raises CheckpointError when a parameter does not fit `config`. See
-  `load_hf_variables` for an example.
-  """
-  from safetensors.numpy import save_file
+  Raises CheckpointError when a parameter does not fit `config`.
 
+  Examples:
+    >>> import os, tempfile, jax, jax.numpy as jnp
+    >>> from dett_jax import TextModelConfig, create_text_model, save_hf_checkpoint
+    >>> config = TextModelConfig(arch="bert", vocab_size=50, hidden_size=16, num_layers=1,
+    ...                          num_heads=2, intermediate_size=32, max_positions=8)
+    >>> variables = create_text_model(config, 2).init(jax.random.PRNGKey(0),
+    ...                                               jnp.ones((1, 3, 4), jnp.int32))
+    >>> folder = tempfile.mkdtemp()
+    >>> save_hf_checkpoint(folder, config, variables)
+    >>> sorted(os.listdir(folder))
+    ['config.json', 'model.safetensors']
+  """
   params = traverse_util.flatten_dict(dict(variables.get("params", variables)))
   num_classes = int(np.shape(params[("classifier", "bias")])[0]) \
       if ("classifier", "bias") in params else None

@@ -74,6 +74,13 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
   _check(0.0 <= distill.kd_ce_weight <= 1.0,
          f"distill.kd_ce_weight={distill.kd_ce_weight} must be in [0, 1]")
   _check(distill.temperature > 0, "distill.temperature must be > 0")
+  _check(distill.hidden_weight >= 0, f"distill.hidden_weight={distill.hidden_weight} must be >= 0")
+  if distill.hidden_weight:
+    _check(config.teacher.arch in TEXT_ARCHS and config.student.arch in TEXT_ARCHS,
+           "distill.hidden_weight > 0 matches text encoders' hidden states; the teacher and "
+           "the student must be bert or distilbert (or set distill.hidden_weight=0)")
+    _check(not distill.teacher_cache, "distill.hidden_weight > 0 needs the teacher's hidden "
+           "states, which the teacher cache does not hold; set distill.teacher_cache=False")
   if distill.teacher_cache:
     _check(not distill.optim.augment,
            "distill.teacher_cache=True needs un-augmented student training (the teacher must "

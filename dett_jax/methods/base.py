@@ -126,15 +126,18 @@ def pool(model: nn.Module | None, feature_map: jax.Array) -> jax.Array:
 
 
 def teacher_outputs(models: Models, frozen: Tree, batch: Batch) -> dict[str, jax.Array]:
-  """`{"teacher_feature_map", "teacher_logits"}` of the teacher in inference mode
+  """`{"teacher_feature_map", "teacher_logits"}` (and a text encoder's
+  `teacher_hidden_mean`) of the teacher in inference mode
   (`frozen["teacher"]` variables, head `frozen["teacher_head"]`), gradients stopped; taken
   from the batch instead when it carries them (a teacher cache)."""
   if all(k in batch for k in TEACHER_KEYS):
     out = {k: batch[k].astype(jnp.float32) for k in TEACHER_KEYS}
   else:
-    out = models.teacher.apply(frozen["teacher"], model_inputs(batch), train=False)
-    logits = dense_apply(frozen["teacher_head"], out["features"])
-    out = {"teacher_feature_map": out["feature_map"], "teacher_logits": logits}
+    teacher = models.teacher.apply(frozen["teacher"], model_inputs(batch), train=False)
+    logits = dense_apply(frozen["teacher_head"], teacher["features"])
+    out = {"teacher_feature_map": teacher["feature_map"], "teacher_logits": logits}
+    if "hidden_mean" in teacher:  # text encoders: the masked mean of the last hidden states
+      out["teacher_hidden_mean"] = teacher["hidden_mean"]
   return jax.lax.stop_gradient(out)
 
 

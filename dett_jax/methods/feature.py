@@ -97,7 +97,10 @@ class FeatureMatching(Method):
   transplanted head's logits on the projected student and the teacher's logits:
   `objectives.head_space_loss`), `standardize` (both maps divided per channel by the
   teacher feature's training-set standard deviation, `frozen["feature_scale"]`).
-  Settings: `distill.match` ("map" / "pooled").
+  Settings: `distill.match` ("map" / "pooled"); for text encoders `distill.hidden_weight`
+  > 0 adds that weight x the MSE between the masked means over real tokens of the
+  student's and the teacher's last hidden states (the student's through a Dense
+  `params["hidden_projector"]` to the teacher's width).
   """
 
   name = "dett"
@@ -122,7 +125,17 @@ class FeatureMatching(Method):
     state["collections"]["projector"] = {k: v for k, v in projector.items() if k != "params"}
     if not self.transplant:
       state["params"]["head"] = jax.tree.map(jnp.zeros_like, setup.teacher_head)
+    if self._hidden_weight():
+      hidden = jax.eval_shape(lambda v: self.models.student.apply(
+          v, setup.example_input())["hidden_mean"], student)
+      width = self.models.projector.teacher_channels if self.models.projector else hidden.shape[-1]
+      state["params"]["hidden_projector"] = nn.Dense(width).init(
+          jax.random.fold_in(rng, 1), jnp.zeros(hidden.shape))["params"]
     return state
+
+  def _hidden_weight(self) -> float:
+    """`distill.hidden_weight` (0 without a config)."""
+    return float(self.config.distill.hidden_weight) if self.config is not None else 0.0
 
   def frozen(self, setup: Setup):
     out = {"head": setup.teacher_head} if self.transplant else {}
@@ -141,6 +154,9 @@ class FeatureMatching(Method):
     head = frozen["head"] if self.transplant else params["head"]
     logits = dense_apply(head, pooled if self.transplant else jax.lax.stop_gradient(pooled))
     outputs = {"logits": logits, "projected": projected, "pooled": pooled}
+    if "hidden_projector" in params:  # text: the matched hidden-state mean
+      outputs["hidden"] = nn.Dense(params["hidden_projector"]["kernel"].shape[-1]).apply(
+          {"params": params["hidden_projector"]}, out["hidden_mean"]).astype(jnp.float32)
     return outputs, {**collections, "student": student, "projector": projector}
 
   def objective(self, outputs: dict, batch, frozen) -> tuple[jax.Array, dict]:
@@ -153,6 +169,10 @@ class FeatureMatching(Method):
     loss = matched_feature_loss(outputs["projected"], batch["teacher_feature_map"], weights,
                                 settings.match, scale, self._pool)
     parts = {"feature_loss": loss}
+    if "hidden" in outputs:  # text: the last hidden states' masked means matched too
+      parts["hidden_loss"] = objectives.feature_loss(outputs["hidden"],
+                                                     batch["teacher_hidden_mean"], weights)
+      loss = loss + settings.hidden_weight * parts["hidden_loss"]
     if self.head_term:  # matching that sees the head: the error through h_T
       parts["head_loss"] = objectives.head_space_loss(outputs["logits"], batch["teacher_logits"],
                                                       weights)
