@@ -13,6 +13,7 @@ from absl import logging
 
 from dett_jax import dfr, distributed, methods
 from dett_jax.checkpoints import load_variables
+from dett_jax.config_schema import TEXT_ARCHS
 from dett_jax.data import pretraining_classes, pretraining_set
 from dett_jax.methods.base import Models, Setup
 from dett_jax.sharding import replicate
@@ -56,8 +57,10 @@ def pretrain(ctx: Context, role: str) -> Tree:
     logging.info("%s: backbone from %s", role, config[role].init)
     return load_init(config, role, initial)
   if not config.pretrain.enabled:
+    reference = ("a pretrained BERT / DistilBERT folder" if config[role].arch in TEXT_ARCHS
+                 else "ImageNet weights")
     logging.warning("%s: no pretraining and no %s.init checkpoint; starting from random "
-                    "weights (the reference setting starts from ImageNet weights)", role, role)
+                    "weights (the reference setting starts from %s)", role, role, reference)
     return initial
 
   def body():
