@@ -224,7 +224,7 @@ def write_vocab(folder: str, rows: list[dict]) -> str:
   for row in rows:
     for key in ("comment_text", "text", "sentence1", "sentence2"):
       if isinstance(row.get(key), str):
-        words.update(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", row[key].lower()))
+        words.update(re.findall(r"\w+|[^\w\s]", row[key].lower()))  # as BERT splits
   path = os.path.join(folder, "vocab.txt")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join([*SPECIAL_TOKENS, *sorted(words)]) + "\n")

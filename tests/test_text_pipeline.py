@@ -5,10 +5,8 @@ resume of a text stage, and a bfloat16 text step. Tiny sizes: hidden 32, 1-2 lay
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 import sys
 
 import jax
@@ -17,10 +15,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from conftest import ROOT, load_config, override
 from dett_jax import checkpoints, methods
-from dett_jax.config_schema import complete
 from dett_jax.data.tokenize import Tokenize
 from dett_jax.experiment import setup_context, train_and_evaluate
 from dett_jax.methods import Models, Setup
@@ -37,41 +35,30 @@ import make_text_data  # noqa: E402
 
 pytestmark = pytest.mark.slow  # left out of ./run.sh test-fast (the full suite runs it)
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 # ---------------------------------------------------------------------------
 # Generated data folders, each with a vocab.txt of its own words.
 # ---------------------------------------------------------------------------
 
-def write_vocab(folder: str, texts) -> str:
-  """A BERT vocab.txt in `folder`: the special tokens, then the lower-cased words and
-  punctuation marks of `texts` (as BERT's pre-tokenizer splits them), sorted."""
-  words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
-  path = os.path.join(folder, "vocab.txt")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("".join(w + "\n" for w in SPECIAL_TOKENS + words))
-  return path
-
-
 def civilcomments_folder(folder: str, size: int = 160) -> str:
   rows = make_text_data.civilcomments_rows(size, seed=0)
   make_text_data.make_civilcomments_csv(folder, rows)
-  write_vocab(folder, [r["comment_text"] for r in rows])
+  make_text_data.write_vocab(folder, rows)
   return folder
 
 
 def multinli_folder(folder: str, size: int = 192) -> str:
   rows = make_text_data.multinli_rows(size, seed=0)
   make_text_data.make_multinli_jsonl(folder, rows)  # folder/multinli_1.0/*.jsonl
-  write_vocab(folder, [r[k] for r in rows for k in ("sentence1", "sentence2")])
+  make_text_data.write_vocab(folder, rows)
   return folder
 
 
 def text_csv_folder(folder: str, size: int = 160) -> str:
   rows = make_text_data.text_metadata_rows(size, seed=0, pairs=True)
   make_text_data.make_text_metadata(folder, rows, pairs=True)
-  write_vocab(folder, [r[k] for r in rows for k in ("sentence1", "sentence2")])
+  make_text_data.write_vocab(folder, rows)
   return folder
 
 
@@ -98,7 +85,7 @@ def cpu_config(name: str, root: str, **overrides) -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------------------
-# 1. CivilComments end to end: ERM and DFR teachers, DeTT and KD students.
+# CivilComments end to end: ERM and DFR teachers, DeTT and KD students.
 # ---------------------------------------------------------------------------
 
 def test_civilcomments_cpu_config_runs_every_stage(folders, tmp_path):
@@ -123,7 +110,7 @@ def test_civilcomments_cpu_config_runs_every_stage(folders, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 2. MultiNLI and text metadata.csv: the data loads, tokenises, and one stage trains.
+# MultiNLI and text metadata.csv: the data loads, tokenises, and one stage trains.
 # ---------------------------------------------------------------------------
 
 ERM_ONLY = {"distill.methods": "", "teacher.debias": "", "distill.teacher": "erm"}
@@ -176,7 +163,7 @@ def test_text_csv_cpu_config_loads_tokenises_and_trains_the_erm_teacher(
 
 
 # ---------------------------------------------------------------------------
-# 4. Resume mid-epoch: the interrupted text stage ends as the uninterrupted one.
+# Resume mid-epoch: the interrupted text stage ends as the uninterrupted one.
 # ---------------------------------------------------------------------------
 
 def test_text_stage_resumes_mid_epoch_to_identical_results(folders, text_csv_straight, tmp_path):
@@ -197,7 +184,7 @@ def test_text_stage_resumes_mid_epoch_to_identical_results(folders, text_csv_str
 
 
 # ---------------------------------------------------------------------------
-# 3. The sharded text step equals the 1-device step; 5. bfloat16.
+# The sharded text step equals the 1-device step; bfloat16.
 # ---------------------------------------------------------------------------
 
 VOCAB, LENGTH = 40, 16
@@ -282,7 +269,7 @@ def test_sharded_text_dett_step_equals_one_device(one_device_run, strategy, data
     embedding = state.params["student"]["embeddings"]["word_embeddings"]["embedding"]
     assert "data" in embedding.sharding.spec
   if model > 1:  # the query kernel [c, heads * d] is split over its heads
-    assert layer["attention"]["q_lin"]["kernel"].sharding.spec == (None, "model")
+    assert layer["attention"]["q_lin"]["kernel"].sharding.spec == P(None, "model")
 
 
 def test_bfloat16_text_step_gives_finite_float32_losses():
