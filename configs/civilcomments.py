@@ -20,9 +20,8 @@ its own vocab.txt).
 Where each value comes from:
 - Models, optimizer, schedule, batch, epochs: AGRE-KD's text setting as recorded in the
   project's design notes: BERT-base teacher, DistilBERT student, AdamW, lr 1e-5, linear
-  schedule, batch 16, 10 epochs. dett-jax has warmup + cosine decay, not linear decay:
-  the schedule here is cosine without warmup (a deviation). Weight decay 0.01: not
-  verified (JTT's CivilComments value as remembered; the papers' text could not be
+  schedule (`decay="linear"`, to 0, no warmup: warmup not stated, not verified), batch
+  16, 10 epochs. Weight decay 0.01: not verified (JTT's CivilComments value as remembered; the papers' text could not be
   checked here).
 - Maximum length 300 tokens: WILDS' CivilComments BERT setting; not verified.
 - Identification T_id = 2 epochs and lambda_up = 6: JTT's CivilComments values as
@@ -41,9 +40,11 @@ import ml_collections  # noqa: E402
 from dett_jax import config_schema  # noqa: E402
 
 
-def adamw(epochs: int, learning_rate: float, weight_decay: float) -> ml_collections.ConfigDict:
+def adamw(epochs: int, learning_rate: float, weight_decay: float,
+          decay: str = "linear") -> ml_collections.ConfigDict:
+  """AdamW with a linear (Hugging Face) learning-rate schedule, no augmentation."""
   optim = config_schema.optim(epochs, learning_rate, weight_decay, optimizer="adamw")
-  optim.augment = False
+  optim.update(augment=False, decay=decay)
   return optim
 
 

@@ -14,7 +14,7 @@ neutral) x a = sentence2 holds a negation word (nobody, no, never, nothing).
 `python benchmarks/make_text_data.py --kind multinli --out DIR`.
 
 Where each value comes from: as configs/civilcomments.py (AGRE-KD's optimizer, schedule,
-batch and epochs; cosine instead of linear decay), except: weight decay 0.1 (JTT's
+batch and epochs, linear decay), except: weight decay 0.1 (JTT's
 MultiNLI value as remembered; not verified), maximum length 128 tokens (group DRO's
 BERT setting, max_seq_length 128; not verified); T_id = 2 and lambda_up = 6 (JTT's
 MultiNLI values as remembered; not verified).

@@ -66,7 +66,8 @@ def optim(epochs: int, learning_rate: float, weight_decay: float = 5e-4,
       learning_rate=learning_rate,  # peak rate (at base_batch_size with lr_scaling linear/sqrt)
       momentum=0.9,  # sgd (Nesterov) and lars
       weight_decay=weight_decay,  # decoupled; kernels only for lars and lamb
-      warmup_epochs=0.0,  # linear warmup, then cosine decay to 0 over all updates
+      warmup_epochs=0.0,  # linear warmup, then `decay` over the remaining updates
+      decay="cosine",  # cosine | linear (to 0, as Hugging Face's linear schedule) | constant
       batch_size=0,  # this stage's global batch; 0: the global batch_size
       accumulate_steps=1,  # k > 1: one update per k micro-batches (gradient accumulation)
       lr_scaling="none",  # or linear/sqrt in (batch * accumulate_steps) / base_batch_size
@@ -79,7 +80,10 @@ def optim(epochs: int, learning_rate: float, weight_decay: float = 5e-4,
 # defaults differ by stage; the others (the same default in every stage) it may leave out.
 OPTIM_REQUIRED = ("optimizer", "epochs", "learning_rate", "weight_decay")
 OPTIM_OPTIONAL = ("momentum", "warmup_epochs", "batch_size", "accumulate_steps", "lr_scaling",
-                  "base_batch_size", "augment")
+                  "base_batch_size", "augment", "decay")
+# Fields added after 0.2.0, with their defaults: a stage checkpoint's signature holds them
+# only when not at the default, so checkpoints written before they existed stay valid.
+OPTIM_LATER = {"decay": "cosine"}
 
 
 def data_defaults(name: str = "synthetic") -> ConfigDict:

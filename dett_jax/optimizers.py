@@ -9,7 +9,7 @@ Fields of an optim config (declared, with their defaults, in dett_jax/config_sch
   learning_rate     the rate at `base_batch_size` when `lr_scaling` is linear or sqrt
   lr_scaling        none | linear | sqrt: scale by (effective batch / base_batch_size)
   base_batch_size   reference batch of the scaling rule (default 256)
-  warmup_epochs     linear warmup, then cosine decay to 0 over all updates
+  warmup_epochs     linear warmup, then `decay` (cosine or linear to 0, or constant)
   accumulate_steps  k > 1: accumulate k micro-batch gradients per update (optax.MultiSteps)
   weight_decay, momentum
 
@@ -119,6 +119,34 @@ def schedule_error(optim: Any, steps_per_epoch: int | None, prefix: str = "",
           "warmup_epochs or raise epochs")
 
 
+DECAYS = ("cosine", "linear", "constant")
+
+
+def learning_rate_schedule(decay: str, learning_rate: float, warmup: int, updates: int
+                           ) -> optax.Schedule:
+  """Linear warmup over `warmup` of `updates` updates, then `decay`: "cosine" (to 0),
+  "linear" (to 0 at the last update, Hugging Face's `get_linear_schedule_with_warmup`)
+  or "constant".
+
+  Examples:
+    >>> from dett_jax.optimizers import learning_rate_schedule
+    >>> schedule = learning_rate_schedule("linear", 1.0, warmup=2, updates=10)
+    >>> [round(float(schedule(s)), 3) for s in (0, 1, 2, 6, 10)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+  """
+  if decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else learning_rate, learning_rate,
+                                              max(warmup, 1), updates)
+  if decay not in DECAYS:
+    raise ValueError(f"decay={decay!r}; choose from {', '.join(DECAYS)}")
+  after = (optax.linear_schedule(learning_rate, 0.0, max(updates - warmup, 1))
+           if decay == "linear" else optax.constant_schedule(learning_rate))
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup), after],
+                              [warmup])
+
+
 def make_optimizer(optim: Any, steps_per_epoch: int, batch_size: int = 256
                    ) -> optax.GradientTransformation:
   """The stage's optimizer; `steps_per_epoch` counts micro-batches of `batch_size`.
@@ -135,7 +163,7 @@ def make_optimizer(optim: Any, steps_per_epoch: int, batch_size: int = 256
   updates = max(1, optim.epochs * steps_per_epoch // k)
   warmup = int(optim.warmup_epochs * steps_per_epoch // k)
   lr = scaled_learning_rate(optim, batch_size * k)
-  schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, max(warmup, 1), updates)
+  schedule = learning_rate_schedule(optim.decay, lr, warmup, updates)
   name, wd = optim.optimizer, optim.weight_decay
   if name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(wd),

@@ -16,7 +16,7 @@ from dett_jax.methods import TEACHER_DEBIAS, parse_debias
 from dett_jax.methods import get as get_method, names as method_names
 from dett_jax.sweep_axes import (check_sweep, method_of, parse_subset, variant_config,
                                  variants)
-from dett_jax.optimizers import LR_SCALING, OPTIMIZERS, schedule_error
+from dett_jax.optimizers import DECAYS, LR_SCALING, OPTIMIZERS, schedule_error
 from dett_jax.sharding import parse_rules
 from dett_jax.models.projector import PROJECTORS
 from dett_jax.models.resnet import STAGES, feature_channels
@@ -156,6 +156,8 @@ def _validate_optimizers(config: ml_collections.ConfigDict) -> None:
     _check(optim.accumulate_steps >= 1,
            f"{name}.accumulate_steps={optim.accumulate_steps} must be >= 1")
     _check(optim.epochs >= 1, f"{name}.epochs={optim.epochs} must be >= 1")
+    _check(optim.decay in DECAYS,
+           f"{name}.decay={optim.decay!r}; choose from {', '.join(DECAYS)}")
     _check(optim.warmup_epochs >= 0,
            f"{name}.warmup_epochs={optim.warmup_epochs} must be >= 0 (0: no warmup)")
     _check(optim.learning_rate > 0, f"{name}.learning_rate must be > 0")

@@ -64,7 +64,8 @@ FILE_SECONDS = {"test_end_to_end.py": 160, "test_benchmarks.py": 120, "test_scal
                 "test_sweep.py": 210, "test_multihost.py": 170, "test_examples.py": 90,
                 "test_data_sets.py": 70, "test_preemption.py": 50, "test_steps.py": 45,
                 "test_fidelity.py": 60, "test_gdro.py": 50, "test_benchmark2.py": 25,
-                "test_plugins.py": 70, "test_console.py": 60, "test_text_pipeline.py": 75, "test_text_models.py": 20}
+                "test_plugins.py": 70, "test_console.py": 60, "test_text_pipeline.py": 75,
+                "test_text_models.py": 20}
 
 
 def pytest_collection_modifyitems(config, items):

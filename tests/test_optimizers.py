@@ -93,6 +93,25 @@ def test_warmup_then_cosine_and_unknown_optimizer():
     make_optimizer(optim(optimizer="adagrad"), 10)
 
 
+@pytest.mark.parametrize("decay, middle, last", [("linear", 0.05, 0.0), ("constant", 0.1, 0.1)])
+def test_linear_and_constant_decay_after_the_warmup(decay, middle, last):
+  """SGD rates of 20 updates, 5 of them warmup: linear decays to 0 at the last update
+  (Hugging Face's linear schedule), constant stays at the peak; an unknown decay is named."""
+  tx = make_optimizer(optim(momentum=0.0, weight_decay=0.0, warmup_epochs=0.5, epochs=2,
+                            decay=decay), 10, 32)
+  params = {"w": jnp.ones(())}
+  state = tx.init(params)
+  rates = []
+  for _ in range(21):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params)
+    rates.append(-float(updates["w"]))
+  assert rates[0] == 0.0 and rates[5] == pytest.approx(0.1)
+  assert rates[5 + 15 // 2] == pytest.approx(middle, abs=0.004)
+  assert rates[20] == pytest.approx(last, abs=1e-7)
+  with pytest.raises(ValueError, match="cosine, linear, constant"):
+    make_optimizer(optim(decay="exponential"), 10)
+
+
 def test_lars_and_lamb_leave_biases_undecayed():
   params = {"kernel": jnp.ones((3, 3)), "bias": jnp.ones((3,))}
   zero = jax.tree.map(jnp.zeros_like, params)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from dett_jax import console, distributed, rng
 from dett_jax.checkpoints import load_variables, mark_done, save_variables, stage_done
+from dett_jax.config_schema import OPTIM_LATER
 from dett_jax.data import Preprocess, Split
 from dett_jax.data.pipeline import eval_batches, train_batches
 from dett_jax.evaluation import accumulate, split_metrics
@@ -194,6 +195,7 @@ def train_model(ctx: Context, name: str, method: Method, variables: Tree, frozen
                  select_metric=training.select_metric,
                  signature={"method": method.name, "seed": seed, "batch_size": batch_size,
                             "steps_per_epoch": steps_per_epoch,
-                            **{f"optim.{k}": v for k, v in optim.items()}},
+                            **{f"optim.{k}": v for k, v in optim.items()
+                               if OPTIM_LATER.get(k, object()) != v}},
                  **ctx.fit_options())
   return fit(spec, state, step_fn, frozen, ctx.mesh, ctx.logger)
