@@ -275,3 +275,18 @@ def test_unwritable_or_full_workdir_fails_early_with_the_path(tmp_path, monkeypa
   with pytest.raises(WorkdirError, match=r"5 MB free, less than min_free_mb=100"):
     train_and_evaluate(tiny_config(), str(tmp_path / "run"))
   assert os.listdir(tmp_path / "run") == []  # the probe is removed, nothing else written
+
+
+def test_selection_breaks_worst_group_ties_by_the_tie_metric(tmp_path):
+  """Epochs equal in the selection metric (worst group 0.0 after each of the 3 epochs) are
+  told apart by `tie_metric`: the last epoch, with the highest average, is selected;
+  without a tie metric the first one stays."""
+  evaluations = iter([{"val/worst_group_acc": 0.0, "val/avg_acc": 0.33},
+                      {"val/worst_group_acc": 0.0, "val/avg_acc": 0.30},
+                      {"val/worst_group_acc": 0.0, "val/avg_acc": 0.80}] * 2)
+  fields = dict(evaluate=lambda variables: next(evaluations),
+                select_metric="val/worst_group_acc")
+  _, summary = _fit(tmp_path / "tie", tie_metric="val/avg_acc", **fields)
+  assert summary["selection"]["epoch"] == 3  # epochs count from 1
+  _, summary = _fit(tmp_path / "no_tie", **fields)
+  assert summary["selection"]["epoch"] == 1

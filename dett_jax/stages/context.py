@@ -193,6 +193,7 @@ def train_model(ctx: Context, name: str, method: Method, variables: Tree, frozen
   spec = FitSpec(name=name, stage_dir=ctx.stage_dir(name), num_epochs=optim.epochs,
                  steps_per_epoch=steps_per_epoch, data=data, evaluate=evaluate_fn,
                  select_metric=training.select_metric,
+                 tie_metric="val/avg_acc" if training.select_metric else None,
                  signature={"method": method.name, "seed": seed, "batch_size": batch_size,
                             "steps_per_epoch": steps_per_epoch,
                             **{f"optim.{k}": v for k, v in optim.items()
