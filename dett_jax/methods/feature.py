@@ -134,8 +134,11 @@ class FeatureMatching(Method):
     return state
 
   def _hidden_weight(self) -> float:
-    """`distill.hidden_weight` (0 without a config)."""
-    return float(self.config.distill.hidden_weight) if self.config is not None else 0.0
+    """`distill.hidden_weight`; 0 without a config or, in a hand-built config written
+    before the field existed (0.2.0), without the field."""
+    if self.config is None:
+      return 0.0
+    return float(self.config.distill.get("hidden_weight", 0.0))
 
   def frozen(self, setup: Setup):
     out = {"head": setup.teacher_head} if self.transplant else {}
@@ -172,7 +175,7 @@ class FeatureMatching(Method):
     if "hidden" in outputs:  # text: the last hidden states' masked means matched too
       parts["hidden_loss"] = objectives.feature_loss(outputs["hidden"],
                                                      batch["teacher_hidden_mean"], weights)
-      loss = loss + settings.hidden_weight * parts["hidden_loss"]
+      loss = loss + self._hidden_weight() * parts["hidden_loss"]
     if self.head_term:  # matching that sees the head: the error through h_T
       parts["head_loss"] = objectives.head_space_loss(outputs["logits"], batch["teacher_logits"],
                                                       weights)

@@ -68,9 +68,7 @@ class FitSpec:
   workers: worker processes that load batches ahead (0: load in this process).
   evaluate: variables -> validation metrics (None: no evaluation during training).
   select_metric: metric maximised for model selection; None keeps the last epoch.
-  tie_metric: what decides between epochs equal in `select_metric` (e.g. `val/avg_acc`:
-    worst-group accuracies on a small validation set often tie, at 0 say); None: the
-    earlier epoch.
+  tie_metric: decides between epochs equal in `select_metric` (None: the earlier one).
   checkpoint_every_steps / checkpoint_every_minutes: periodic checkpoints besides the one
     at each epoch's end (0: none). keep_checkpoints: how many recent ones are kept; each
     also holds the best variables so far (by `select_metric`).
@@ -157,8 +155,7 @@ def _resume(spec: FitSpec, checkpoints: StageCheckpoints, state: TrainState,
             signature: dict[str, str]) -> _Progress:
   """The progress from the stage's newest intact checkpoint, or a fresh start."""
   best = _copy(state.variables)
-  meta = {"step": 0, "history": [], "best_epoch": None, "best_value": None, "best_tie": None,
-          "skipped_steps": []}
+  meta = dict(step=0, history=[], best_epoch=None, best_value=None, best_tie=None, skipped_steps=[])
   restored = checkpoints.restore(state, best, signature)
   distributed.note_progress(stage=spec.name, step=0, total=spec.num_epochs * spec.steps_per_epoch)
   if restored is not None:
@@ -248,11 +245,10 @@ def _end_epoch(stage: _Stage, run: _Progress) -> None:
     stage.logger.write(spec.name, run.step, {k: v for k, v in record.items() if "/" in k})
   meta["history"].append(record)
   value = record.get(spec.select_metric) if spec.select_metric else None
-  tie = record.get(spec.tie_metric) if spec.tie_metric else None
-  best_tie = meta.get("best_tie")  # absent in checkpoints written before tie_metric
+  tie, best_tie = record.get(spec.tie_metric or ""), meta.get("best_tie")  # older: none
   if spec.select_metric is None or meta["best_value"] is None or (value is not None and (
-      value > meta["best_value"] or (value == meta["best_value"] and tie is not None
-                                     and best_tie is not None and tie > best_tie))):
+      value > meta["best_value"] or (value == meta["best_value"] and None not in (tie, best_tie)
+                                     and tie > best_tie))):
     run.best, meta["best_epoch"], meta["best_value"] = _copy(run.state.variables), epoch, value
     meta["best_tie"] = tie
 
