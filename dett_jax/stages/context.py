@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from dett_jax import console, distributed, rng
 from dett_jax.checkpoints import load_variables, mark_done, save_variables, stage_done
 from dett_jax.config_schema import OPTIM_LATER
-from dett_jax.data import Preprocess, Split
+from dett_jax.data import Preprocess, Split, Tokenize
 from dett_jax.data.pipeline import eval_batches, train_batches
 from dett_jax.evaluation import accumulate, split_metrics
 from dett_jax.methods.base import INPUT_KEYS, Method, model_inputs
@@ -43,7 +43,7 @@ class Context:
   splits: dict[str, Split]
   mesh: Mesh
   logger: MetricLogger
-  preprocess: Preprocess
+  preprocess: Preprocess | Tokenize  # images' transforms, or the text tokenizer
   memo: dict = dataclasses.field(default_factory=dict)
 
   def place(self, tree: Tree) -> Tree:
