@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -10,7 +9,8 @@ import ml_collections
 
 from dett_jax.config_schema import (ARCHS, OPTIM_SECTIONS, TEXT_ARCHS, TEXT_DATA_SETS,
                                     ConfigError, complete, section)
-from dett_jax.data import GENERATED, LOADERS, generated_benchmark
+from dett_jax.data import GENERATED, LOADERS, generated_benchmark, text_max_length
+from dett_jax.hf_checkpoint import is_hf_folder, read_hf_config
 from dett_jax.data.images import TRAIN_TRANSFORMS
 from dett_jax.methods import TEACHER_DEBIAS, parse_debias
 from dett_jax.methods import get as get_method, names as method_names
@@ -116,7 +116,7 @@ def _validate_transformer(config: ml_collections.ConfigDict, role: str) -> None:
   """Checks a text encoder's sizes (those of a Hugging Face `init` folder are its own)."""
   cfg = config[role]
   if cfg.init:
-    _check(os.path.isfile(os.path.join(cfg.init, "config.json")),
+    _check(is_hf_folder(cfg.init),
            f"{role}.init={cfg.init} is not a Hugging Face folder (no config.json); give the "
            "folder holding config.json and model.safetensors")
     return
@@ -125,7 +125,7 @@ def _validate_transformer(config: ml_collections.ConfigDict, role: str) -> None:
   _check(cfg.hidden % cfg.heads == 0,
          f"{role}.hidden={cfg.hidden} is not divisible by {role}.heads={cfg.heads}")
   _check(0 <= cfg.dropout < 1, f"{role}.dropout={cfg.dropout} must be in [0, 1)")
-  length = config.data.max_length
+  length = text_max_length(config.data)  # the built-in benchmark's 0: its longest sentence
   _check(length <= cfg.max_positions,
          f"data.max_length={length} exceeds {role}.max_positions={cfg.max_positions}; lower "
          f"the one or raise the other")
@@ -136,11 +136,7 @@ def _width(config: ml_collections.ConfigDict, role: str) -> int:
   cfg = config[role]
   if cfg.arch not in TEXT_ARCHS:
     return feature_channels(cfg.depth, cfg.width)
-  if cfg.init:
-    with open(os.path.join(cfg.init, "config.json")) as f:
-      hf = json.load(f)
-    return int(hf.get("hidden_size", hf.get("dim", 0)))
-  return cfg.hidden
+  return read_hf_config(cfg.init).hidden_size if cfg.init else cfg.hidden
 
 
 def _validate_optimizers(config: ml_collections.ConfigDict) -> None:

@@ -3,8 +3,9 @@ policy, initial variables, fresh heads, and a method's state from backbone varia
 
 `<role>.arch` picks the model family: `resnet` (image data), `bert` or `distilbert` (text
 data: sizes from `<role>.layers/hidden/heads/mlp_dim`, or from a Hugging Face folder given
-as `<role>.init`, with the vocabulary of the data's tokenizer). A family is one entry of
-`FAMILIES` here: its builder, its feature width and how its `init` checkpoint is read."""
+as `<role>.init`, with the vocabulary of the data's tokenizer). A family is a branch in
+each of `backbone` (its builder), `feature_width` and `load_init` (how its `init`
+checkpoint is read)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dett_jax.checkpoints import load_backbone
-from dett_jax.config_schema import TEXT_ARCHS, TEXT_DATA_SETS
-from dett_jax.data import text_max_length, vocab_size
+from dett_jax.config_schema import TEXT_ARCHS
+from dett_jax.data import is_text, text_max_length, vocab_size
 from dett_jax.hf_checkpoint import is_hf_folder, load_hf_variables, read_hf_config
 from dett_jax.models.backend import Backend
 from dett_jax.models.bert import TextModelConfig, create_text_model
@@ -127,11 +128,11 @@ def backbone_variables(state_variables: Tree) -> Tree:
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """One example's input shape: `(s, s, 3)` images, `(3, max_length)` token arrays."""
-  if config.data.name in TEXT_DATA_SETS:
+  if is_text(config.data):
     return (3, text_max_length(config.data))
   return (config.data.image_size, config.data.image_size, 3)
 
 
 def input_dtype(config: ml_collections.ConfigDict) -> Any:
   """The dtype of one example's input: float32 images, int32 token arrays."""
-  return jnp.int32 if config.data.name in TEXT_DATA_SETS else jnp.float32
+  return jnp.int32 if is_text(config.data) else jnp.float32
